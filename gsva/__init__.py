@@ -1,0 +1,1 @@
+"""GSVA: generalized referring segmentation with a multimodal LLM and SAM (model code; never imports Ray)."""

@@ -1,0 +1,1 @@
+"""Thin `python -m jobs.X` entry points: parse arguments, build, run."""

@@ -1,0 +1,41 @@
+"""Shared fixtures: a real local Ray cluster and a real S3-compatible server (SeaweedFS) on loopback."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Tests do not exercise Ray's token authentication; the cluster jobs document how to use it.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A small real local Ray cluster. 4 logical CPUs on 2 cores so actor pools never starve reads/writes."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A real SeaweedFS S3 server on loopback, with its credentials in the AWS_* environment."""
+    from tests.s3server import start_s3_server
+
+    server = start_s3_server()
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    yield server
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()

@@ -1,0 +1,123 @@
+"""The ONE image pre/post-processing module, shared by training and inference; all sizes from the config.
+
+- SAM: RGB uint8 -> longest side to ``sam.image_size`` (round half up, segment_anything's
+  ResizeLongestSide) -> normalise with SAM's mean/std -> zero-pad bottom/right to a square.
+- CLIP: shortest edge to ``vision.image_size`` (bicubic) -> centre crop -> /255 -> CLIP mean/std.
+- Masks: low-res logits -> bilinear to the SAM input size -> crop to the resized (h', w') ->
+  bilinear to the original (H, W); binarise at logit > 0.
+The statistics live in the config, which is saved as the checkpoint's config.json.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from gsva.config import MAX_IMAGE_PIXELS, GSVAConfig, SAMConfig, VisionConfig
+
+UINT8_MAX = 255
+UINT16_TO_UINT8 = 257  # 65535 / 255: maps 16-bit full scale exactly onto 8-bit full scale
+
+
+class ImageError(ValueError):
+    """An input image that cannot be used, with the reason (and the item, when known)."""
+
+
+def to_rgb_uint8(image: np.ndarray, name: str = "image") -> np.ndarray:
+    """Normalise an input array to RGB uint8 (H, W, 3), or raise ImageError naming ``name``.
+
+    Accepted: uint8 or uint16 (scaled to 8 bit) arrays shaped (H, W) grey, (H, W, 1) grey, (H, W, 2)
+    grey+alpha, (H, W, 3) RGB, (H, W, 4) RGBA (alpha dropped). Rejected: other dtypes (floats are
+    ambiguous in range), empty or oversized images (> MAX_IMAGE_PIXELS), other shapes.
+    """
+    if not isinstance(image, np.ndarray):
+        raise ImageError(f"{name}: expected a numpy array, got {type(image).__name__}")
+    if image.dtype == np.uint16:
+        image = ((image.astype(np.uint32) + UINT16_TO_UINT8 // 2) // UINT16_TO_UINT8).astype(np.uint8)
+    elif image.dtype != np.uint8:
+        raise ImageError(f"{name}: expected uint8 (or uint16) pixels, got dtype {image.dtype}")
+    if image.ndim == 3 and image.shape[2] in (1, 2):
+        image = image[:, :, 0]
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] not in (3, 4):
+        raise ImageError(f"{name}: expected (H, W), (H, W, 1|2|3|4) pixels, got shape {image.shape}")
+    h, w = image.shape[:2]
+    if h < 1 or w < 1:
+        raise ImageError(f"{name}: empty image of shape {image.shape}")
+    if h * w > MAX_IMAGE_PIXELS:
+        raise ImageError(f"{name}: {w}x{h} = {h * w} pixels exceeds the limit of {MAX_IMAGE_PIXELS}")
+    return np.ascontiguousarray(image[:, :, :3])
+
+
+def resized_shape(height: int, width: int, long_side: int) -> tuple[int, int]:
+    """(h', w') after scaling the longest side to ``long_side``, rounding half up (as SAM)."""
+    scale = long_side / max(height, width)
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
+
+
+def sam_input(rgb: np.ndarray, cfg: SAMConfig) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(3, S, S) float32 normalised and zero-padded, and the resized (h', w')."""
+    h, w = resized_shape(rgb.shape[0], rgb.shape[1], cfg.image_size)
+    # PIL bilinear resize of the uint8 image, as segment_anything's ResizeLongestSide.apply_image does.
+    resized = np.asarray(Image.fromarray(rgb).resize((w, h), Image.BILINEAR))
+    x = torch.from_numpy(resized.copy()).permute(2, 0, 1).float()
+    mean = torch.tensor(cfg.pixel_mean).view(3, 1, 1)
+    std = torch.tensor(cfg.pixel_std).view(3, 1, 1)
+    x = (x - mean) / std
+    return F.pad(x, (0, cfg.image_size - w, 0, cfg.image_size - h)), (h, w)
+
+
+def clip_input(rgb: np.ndarray, cfg: VisionConfig) -> torch.Tensor:
+    """(3, C, C) float32: shortest edge to C (bicubic), centre crop, /255, CLIP mean/std."""
+    size = cfg.image_size
+    height, width = rgb.shape[:2]
+    if width <= height:
+        new_w, new_h = size, max(size, int(size * height / width))
+    else:
+        new_w, new_h = max(size, int(size * width / height)), size
+    resized = Image.fromarray(rgb).resize((new_w, new_h), Image.BICUBIC)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    cropped = np.asarray(resized)[top:top + size, left:left + size]
+    x = torch.from_numpy(cropped.copy()).permute(2, 0, 1).float() / UINT8_MAX
+    mean = torch.tensor(cfg.pixel_mean).view(3, 1, 1)
+    std = torch.tensor(cfg.pixel_std).view(3, 1, 1)
+    return (x - mean) / std
+
+
+@dataclass
+class PreparedImages:
+    """Model inputs for N images plus what post-processing needs to return to original sizes."""
+
+    sam_pixels: torch.Tensor  # (N, 3, S, S) float32
+    clip_pixels: torch.Tensor  # (N, 3, C, C) float32
+    resized: list[tuple[int, int]]  # (h', w') inside the SAM input
+    original: list[tuple[int, int]]  # (H, W)
+
+
+def prepare_images(images: list[np.ndarray], cfg: GSVAConfig) -> PreparedImages:
+    """Validate and preprocess RGB images (see to_rgb_uint8 for what is accepted)."""
+    sams, clips, resized, original = [], [], [], []
+    for i, image in enumerate(images):
+        rgb = to_rgb_uint8(image, name=f"image {i}")
+        s, hw = sam_input(rgb, cfg.sam)
+        sams.append(s)
+        clips.append(clip_input(rgb, cfg.vision))
+        resized.append(hw)
+        original.append((rgb.shape[0], rgb.shape[1]))
+    return PreparedImages(torch.stack(sams), torch.stack(clips), resized, original)
+
+
+def masks_to_original(low_res: torch.Tensor, resized: tuple[int, int], original: tuple[int, int],
+                      sam_size: int) -> torch.Tensor:
+    """(M, h, w) low-res mask logits -> (M, H, W) logits at the original size (differentiable)."""
+    x = low_res[:, None]
+    if x.dtype in (torch.float16, torch.bfloat16):  # interpolate the logits in float32
+        x = x.float()
+    x = F.interpolate(x, (sam_size, sam_size), mode="bilinear", align_corners=False)
+    x = x[..., : resized[0], : resized[1]]
+    return F.interpolate(x, original, mode="bilinear", align_corners=False)[:, 0]

@@ -10,15 +10,25 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models on a 2-core machine: one intra-op thread per process avoids oversubscription (Ray workers and
+# the test process share the cores); numbers do not depend on it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """A small real local Ray cluster. 4 logical CPUs on 2 cores so actor pools never starve reads/writes."""
+def ray_local(request):
+    """A small real local Ray cluster. 4 logical CPUs on 2 cores so actor pools never starve reads/writes.
+
+    When any test of the session uses `s3`, the S3 server starts first: Ray workers inherit the environment
+    of the moment Ray starts, so its AWS_* credentials must already be there.
+    """
     import ray
 
+    if any("s3" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        request.getfixturevalue("s3")
+
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
                  runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
     yield ray
     ray.shutdown()

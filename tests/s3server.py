@@ -79,7 +79,9 @@ def start_s3_server(bucket: str = "gsva-test", key: str = "test-access-key",
     proc = subprocess.Popen(
         [weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-master.port={master}",
          f"-volume.port={volume}", "-filer", f"-filer.port={filer}", "-s3", f"-s3.port={s3}",
-         f"-s3.config={config}", "-volume.max=0", "-master.volumeSizeLimitMB=64"],
+         f"-s3.config={config}", "-volume.max=0", "-master.volumeSizeLimitMB=64",
+         # Fixed-port side servers (Iceberg 8181, Lance 9101) would clash between concurrent test sessions.
+         "-s3.port.iceberg=0", "-s3.port.lance=0"],
         stdout=log, stderr=subprocess.STDOUT)
     endpoint = f"http://127.0.0.1:{s3}"
     server = S3Server(endpoint, key, secret, bucket, StorageOptions(s3_endpoint=endpoint), proc, workdir)

@@ -6,7 +6,7 @@ JSON files hold it), so it round-trips through JSON and Parquet structs unchange
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -94,3 +94,10 @@ def intersection_union(pred: Sequence[RLE], gt: Sequence[RLE]) -> tuple[np.ndarr
         inter[i] = 0 if a_p == 0 or a_g == 0 else int(mask_utils.area(mask_utils.merge([pc, gc], intersect=True)))
         uni[i] = a_p + a_g - inter[i]
     return inter, uni
+
+
+def to_bboxes(rles: Sequence[RLE]) -> np.ndarray:
+    """Tight boxes [x, y, w, h] of many RLEs in one pycocotools call ((N, 4) float64; zeros when empty)."""
+    if not len(rles):
+        return np.zeros((0, 4), dtype=np.float64)
+    return np.asarray(mask_utils.toBbox([_to_coco(r) for r in rles]), dtype=np.float64).reshape(-1, 4)

@@ -49,6 +49,7 @@ PREDICTION_SCHEMA = pa.schema(
         ("error", pa.string()),  # null when ok
         ("model", pa.string()),  # checkpoint identity
         ("mode", pa.string()),  # "generate" | "teacher-forced"
+        ("note", pa.string()),  # remark on an ok row, e.g. no [SEG]/[REJ] generated (treated as rejected)
     ]
 )
 

@@ -1,0 +1,131 @@
+"""A user's own manifest (JSONL, CSV or Parquet) of `image` + `expression` (+ optional `id`) -> ImageItems.
+
+For annotation without ground truth: `no_target`, `gt_mask`, `gt_boxes` are null, and so are `width` and
+`height` unless prepare embeds (and therefore opens) the images. `image` is a URI (s3://, file://), an
+absolute path, or a path relative to the manifest's folder that must stay inside it. Rows of one image
+become one task row (expressions grouped by image, in manifest order). Without an `id` column an
+expression's id is derived from its content (image + text), so it is stable when the manifest is re-sorted
+or extended.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import posixpath
+from typing import Any
+
+from pipeline.formats.items import (
+    ImageItem,
+    SkipReport,
+    SourceError,
+    has_scheme,
+    resolve_within,
+    to_task_rows,
+)
+from pipeline.storage import StorageOptions, filesystem
+
+IMAGE_COLUMN = "image"
+TEXT_COLUMN = "expression"
+ID_COLUMN = "id"
+SPLIT = "all"  # manifests carry no split
+#: Hex digits of the content hash used as expression id (48 bits: collisions need ~16M expressions).
+ID_HEX_DIGITS = 12
+
+
+def read_records(uri: str, storage: StorageOptions | None = None) -> list[dict[str, Any]]:
+    """The manifest's rows as dicts, by extension: .jsonl/.json (JSON lines), .csv, .parquet."""
+    import pyarrow.csv as pa_csv
+    import pyarrow.json as pa_json
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem(uri, storage)
+    ext = os.path.splitext(path)[1].lower()
+    readers = {".jsonl": pa_json.read_json, ".json": pa_json.read_json, ".ndjson": pa_json.read_json,
+               ".csv": lambda f: pa_csv.read_csv(
+                   f, convert_options=pa_csv.ConvertOptions(strings_can_be_null=True,
+                                                            column_types={ID_COLUMN: "string"})),
+               ".parquet": pq.read_table}
+    if ext not in readers:
+        raise SourceError(f"manifest {uri}: unsupported extension {ext!r}; use .jsonl, .csv or .parquet")
+    with fs.open(path, "rb") as f:
+        data = io.BytesIO(f.read())
+    try:
+        table = readers[ext](data)
+    except Exception as exc:  # pyarrow raises ArrowInvalid naming the line
+        raise SourceError(f"manifest {uri} cannot be parsed: {exc}") from exc
+    missing = [c for c in (IMAGE_COLUMN, TEXT_COLUMN) if c not in table.column_names]
+    if missing:
+        raise SourceError(f"manifest {uri} lacks column(s) {missing}; it has {table.column_names}")
+    return table.to_pylist()
+
+
+def manifest_dir(uri: str) -> str:
+    if has_scheme(uri):
+        return uri.rsplit("/", 1)[0]
+    return os.path.dirname(os.path.abspath(uri))
+
+
+def _resolve(image: str, base: str) -> str:
+    if has_scheme(image) or os.path.isabs(image):
+        return image
+    return resolve_within(base, image)
+
+
+def _expression_id(image: str, text: str) -> str:
+    return hashlib.sha1(f"{image}\n{text}".encode()).hexdigest()[:ID_HEX_DIGITS]
+
+
+def load_items(records: list[dict[str, Any]], *, base: str, dataset: str,
+               skips: SkipReport | None = None) -> list[ImageItem]:
+    """Manifest rows -> ImageItems (pure). `base` is the folder relative image paths are resolved in."""
+    skips = skips if skips is not None else SkipReport()
+    items: dict[str, ImageItem] = {}
+    seen: set[str] = set()
+    for line, rec in enumerate(records):
+        where = f"manifest row {line}"
+        image, text, given = rec.get(IMAGE_COLUMN), rec.get(TEXT_COLUMN), rec.get(ID_COLUMN)
+        if not isinstance(image, str) or not image.strip():
+            skips.add("missing image reference", where, f"image is {image!r}", expressions=1)
+            continue
+        image = image.strip()
+        if not isinstance(text, str) or not text.strip():
+            skips.add("empty sentence", f"{where} (image {image})", expressions=1)
+            continue
+        text = text.strip()
+        expression_id = str(given) if given is not None else _expression_id(image, text)
+        if expression_id in seen:
+            skips.add("duplicate expression id", f"{where} (image {image})", f"id {expression_id}",
+                      expressions=1)
+            continue
+        if image not in items:
+            try:
+                uri = _resolve(image, base)
+            except ValueError as exc:
+                skips.add("image path escapes root", where, str(exc), expressions=1)
+                continue
+            items[image] = {"image_id": image, "image_uri": uri, "width": None, "height": None,
+                            "split": SPLIT, "dataset": dataset, "annotations": {}, "expressions": []}
+        seen.add(expression_id)
+        items[image]["expressions"].append({"expression_id": expression_id, "text": text,
+                                            "no_target": None, "ann_ids": None})
+    return list(items.values())
+
+
+def dataset_name(uri: str) -> str:
+    """The manifest's file name without extension: the `dataset` column of its task rows."""
+    return posixpath.splitext(posixpath.basename(uri.rstrip("/")))[0] or "manifest"
+
+
+def read_items(uri: str, *, storage: StorageOptions | None = None,
+               skips: SkipReport | None = None) -> list[ImageItem]:
+    return load_items(read_records(uri, storage), base=manifest_dir(uri), dataset=dataset_name(uri),
+                      skips=skips)
+
+
+def read_task_rows(uri: str, **kwargs: Any) -> list[dict[str, Any]]:
+    """Serial convenience: the task rows of a manifest, images referenced and not opened."""
+    skips = kwargs.pop("skips", None)
+    skips = skips if skips is not None else SkipReport()
+    return to_task_rows(read_items(uri, skips=skips, **kwargs), skips)

@@ -1,0 +1,206 @@
+"""Prepare: any source format -> task shards (TASK_SCHEMA Parquet), as a Ray Data job.
+
+The graph, read top to bottom:
+    driver   source files -> ImageItems (index refs/annotations; cheap)  -> shard plan (split, index, items)
+    Ray      from_items(plan) -> map(convert_shard): per image, check/read the image, rasterise the
+             union masks, optionally embed the bytes; write `{split}-{index:05d}.parquet` -> summary row
+    driver   take the (tiny) summary rows, delete stale shards of a previous run, write `_prepare.json`
+A shard is the unit of parallelism and of output, so file names are deterministic, `--rows-per-file` is
+exact (minus skipped images) and a rerun overwrites. Only summaries ever come back to the driver.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pipeline.formats.items import ImageItem, SkipReport, to_task_row
+from pipeline.images import ImageError, ImageLimits, decode_image, image_exists, read_image_bytes
+from pipeline.schemas import TASK_SCHEMA
+from pipeline.storage import StorageOptions, filesystem, is_local, join
+from pipeline.tasks import SUMMARY_FILE, list_shards, parse_shard_name, shard_name
+
+if TYPE_CHECKING:
+    import ray.data
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ROWS_PER_FILE = 500
+#: Rows per Parquet row group: a reader streams a shard a row group at a time (~10 MB of COCO images).
+ROW_GROUP_ROWS = 64
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """Where and how task shards are written (the source is given separately, as ImageItems)."""
+
+    out: str
+    rows_per_file: int = DEFAULT_ROWS_PER_FILE
+    embed_images: bool = False
+    storage: StorageOptions = field(default_factory=StorageOptions)
+    image_limits: ImageLimits = field(default_factory=ImageLimits)
+    cpus_per_task: float = 1.0
+    #: splits this run is responsible for (None: all): stale shards are deleted only within them.
+    splits: frozenset[str] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.out:
+            raise ValueError("an output URI (--out) is required")
+        if self.rows_per_file < 1:
+            raise ValueError(f"--rows-per-file must be >= 1, got {self.rows_per_file}")
+        if self.cpus_per_task <= 0:
+            raise ValueError(f"cpus_per_task must be > 0, got {self.cpus_per_task}")
+
+
+@dataclass
+class PrepareResult:
+    """What prepare wrote: per-split rows and expressions, the files, and what was skipped and why."""
+
+    out: str
+    files: list[str]
+    per_split: dict[str, dict[str, int]]
+    skips: SkipReport
+
+    @property
+    def rows(self) -> int:
+        return sum(s["rows"] for s in self.per_split.values())
+
+    @property
+    def expressions(self) -> int:
+        return sum(s["expressions"] for s in self.per_split.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"out": self.out, "rows": self.rows, "expressions": self.expressions,
+                "per_split": self.per_split, "files": self.files, "skipped": self.skips.to_dict()}
+
+    def summary_text(self, dataset: str) -> str:
+        """The human summary the job prints: totals, per split, and each skip reason with an example."""
+        lines = [(f"prepared {dataset} -> {self.out}: {self.rows} images, {self.expressions} expressions "
+                  f"in {len(self.files)} file(s)")]
+        for split, s in sorted(self.per_split.items()):
+            lines.append(f"  {split:>8}: {s['rows']} images, {s['expressions']} expressions "
+                         f"({s['no_target']} no-target), {s['files']} file(s)")
+        if self.skips.total():
+            lines.append(f"skipped {self.skips.total()} item(s):")
+            for reason, entry in self.skips.to_dict().items():
+                example = entry["examples"][0] if entry["examples"] else "-"
+                lines.append(f"  {reason}: {entry['items']} item(s), {entry['expressions']} expression(s); "
+                             f"e.g. {example}")
+        return "\n".join(lines)
+
+
+def plan_shards(items: list[ImageItem], config: PrepareConfig) -> list[dict[str, Any]]:
+    """Group items by split (in order) and cut them into shards of at most `rows_per_file` images."""
+    by_split: dict[str, list[ImageItem]] = {}
+    for item in items:
+        by_split.setdefault(item["split"], []).append(item)
+    plan = []
+    for split in sorted(by_split):
+        chunk = by_split[split]
+        for index, start in enumerate(range(0, len(chunk), config.rows_per_file)):
+            plan.append({"split": split, "index": index, "uri": join(config.out, shard_name(split, index)),
+                         "items": json.dumps(chunk[start:start + config.rows_per_file])})
+    return plan
+
+
+def _checked_image(item: ImageItem, config: PrepareConfig,
+                   skips: SkipReport) -> tuple[ImageItem, bytes | None] | None:
+    """Check the image exists (referenced) or read + decode it (embedded); None when it is skipped."""
+    uri, count = item["image_uri"], len(item["expressions"])
+    where = f"image {item['image_id']} ({uri})"
+    try:
+        if not config.embed_images:
+            if not image_exists(uri, config.storage):
+                skips.add("missing image", where, "no such file", expressions=count)
+                return None
+            return item, None
+        data = read_image_bytes(uri, config.storage)
+        height, width = decode_image(data, uri, config.image_limits).shape[:2]
+    except ImageError as exc:
+        skips.add(exc.reason, where, str(exc), expressions=count)
+        return None
+    if item["width"] is not None and (item["width"], item["height"]) != (width, height):
+        skips.add("image size mismatch", where, f"file is {width}x{height}, annotations say "
+                  f"{item['width']}x{item['height']}", expressions=count)
+        return None
+    return {**item, "width": int(width), "height": int(height)}, data
+
+
+def write_shard(rows: list[dict[str, Any]], uri: str, storage: StorageOptions) -> None:
+    """Write rows as one TASK_SCHEMA Parquet file; locally via a temporary name + rename (atomic)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist(rows, schema=TASK_SCHEMA)
+    fs, path = filesystem(uri, storage)
+    fs.makedirs(os.path.dirname(path) if is_local(uri) else path.rsplit("/", 1)[0], exist_ok=True)
+    target = f"{path}.tmp" if is_local(uri) else path
+    with fs.open(target, "wb") as f:
+        pq.write_table(table, f, row_group_size=ROW_GROUP_ROWS)
+    if target != path:
+        fs.mv(target, path)
+
+
+def convert_shard(task: dict[str, Any], config: PrepareConfig) -> dict[str, Any]:
+    """Ray map function: one planned shard -> its Parquet file -> one summary row."""
+    skips = SkipReport()
+    rows = []
+    for item in json.loads(task["items"]):
+        checked = _checked_image(item, config, skips)
+        if checked is not None:
+            row = to_task_row(checked[0], checked[1], skips)
+            if row is not None:
+                rows.append(row)
+    write_shard(rows, task["uri"], config.storage)
+    exprs = [e for r in rows for e in r["expressions"]]
+    return {"split": task["split"], "index": task["index"], "uri": task["uri"], "rows": len(rows),
+            "expressions": len(exprs), "no_target": sum(1 for e in exprs if e["no_target"]),
+            "skips": json.dumps(skips.to_dict())}
+
+
+def build_graph(plan: ray.data.Dataset, config: PrepareConfig) -> ray.data.Dataset:
+    """Lazy: planned shards -> summaries of the written shards."""
+    return plan.map(convert_shard, fn_kwargs={"config": config}, num_cpus=config.cpus_per_task)
+
+
+def _remove_stale(config: PrepareConfig, written: set[str]) -> list[str]:
+    """Delete shard files of a previous run (in this run's splits) that this run did not rewrite."""
+    stale = []
+    for uri in list_shards(config.out, config.storage):
+        split, _ = parse_shard_name(uri) or ("", 0)
+        if uri not in written and (config.splits is None or split in config.splits):
+            fs, path = filesystem(uri, config.storage)
+            fs.rm(path)
+            stale.append(uri)
+    return stale
+
+
+def run(items: list[ImageItem], config: PrepareConfig, skips: SkipReport | None = None) -> PrepareResult:
+    """Convert ImageItems into task shards at `config.out` on the connected Ray cluster."""
+    import ray.data
+
+    skips = skips if skips is not None else SkipReport()
+    plan = plan_shards(items, config)
+    summaries = []
+    if plan:
+        graph = build_graph(ray.data.from_items(plan, override_num_blocks=len(plan)), config)
+        summaries = sorted(graph.take_all(), key=lambda s: (s["split"], s["index"]))
+    per_split: dict[str, dict[str, int]] = {}
+    for s in summaries:
+        entry = per_split.setdefault(s["split"], {"rows": 0, "expressions": 0, "no_target": 0, "files": 0})
+        for key in ("rows", "expressions", "no_target"):
+            entry[key] += s[key]
+        entry["files"] += 1
+        skips = skips + SkipReport.from_dict(json.loads(s["skips"]))
+    files = [s["uri"] for s in summaries]
+    stale = _remove_stale(config, set(files))
+    if stale:
+        log.info("removed %d stale shard(s) of a previous run: %s", len(stale), stale)
+    result = PrepareResult(config.out, files, per_split, skips)
+    fs, path = filesystem(join(config.out, SUMMARY_FILE), config.storage)
+    fs.makedirs(fs._parent(path), exist_ok=True)
+    fs.pipe(path, json.dumps(result.to_dict(), indent=1).encode("utf-8"))
+    return result

@@ -1,0 +1,72 @@
+"""Manifest reader: JSONL / CSV / Parquet, grouping by image, ids, path rules, no ground truth."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.formats import manifest
+from pipeline.formats.items import SkipReport, SourceError
+from pipeline.schemas import TASK_SCHEMA
+
+RECORDS = [
+    {"image": "photos/a.jpg", "expression": "the red car", "id": "e1"},
+    {"image": "s3://bucket/b.jpg", "expression": "all people", "id": "e2"},
+    {"image": "photos/a.jpg", "expression": "the tree", "id": "e3"},
+    {"image": "photos/a.jpg", "expression": "  ", "id": "e4"},
+    {"image": "../outside.jpg", "expression": "nope", "id": "e5"},
+    {"image": None, "expression": "no image", "id": "e6"},
+    {"image": "photos/c.jpg", "expression": "dup", "id": "e1"},
+]
+
+
+def _write(path, records):
+    if path.suffix == ".jsonl":
+        path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    elif path.suffix == ".csv":
+        pa.csv.write_csv(pa.Table.from_pylist(records), path)
+    else:
+        pq.write_table(pa.Table.from_pylist(records), path)
+    return path
+
+
+@pytest.mark.parametrize("ext", [".jsonl", ".csv", ".parquet"])
+def test_manifest_formats(tmp_path, ext):
+    import pyarrow.csv  # noqa: F401 - registers pa.csv for _write
+
+    path = _write(tmp_path / f"my-images{ext}", RECORDS)
+    skips = SkipReport()
+    rows = manifest.read_task_rows(str(path), skips=skips)
+    by_image = {r["image_id"]: r for r in rows}
+    assert list(by_image) == ["photos/a.jpg", "s3://bucket/b.jpg"]
+    a = by_image["photos/a.jpg"]
+    assert a["image_uri"] == str(tmp_path / "photos" / "a.jpg")
+    assert by_image["s3://bucket/b.jpg"]["image_uri"] == "s3://bucket/b.jpg"
+    assert [(e["expression_id"], e["text"]) for e in a["expressions"]] == [("e1", "the red car"),
+                                                                          ("e3", "the tree")]
+    assert all(e["no_target"] is None and e["gt_mask"] is None and e["gt_boxes"] is None
+               for r in rows for e in r["expressions"])
+    assert a["width"] is None and a["height"] is None and a["split"] == "all" and a["dataset"] == "my-images"
+    assert {k: v["items"] for k, v in skips.to_dict().items()} == {
+        "empty sentence": 1, "image path escapes root": 1, "missing image reference": 1,
+        "duplicate expression id": 1}
+    assert pa.Table.from_pylist(rows, schema=TASK_SCHEMA).num_rows == 2
+
+
+def test_ids_are_derived_from_content_when_absent(tmp_path):
+    records = [{"image": "/abs/x.png", "expression": "a cat"}, {"image": "/abs/x.png", "expression": "a dog"}]
+    first = manifest.read_task_rows(str(_write(tmp_path / "m.jsonl", records)))
+    again = manifest.read_task_rows(str(_write(tmp_path / "n.jsonl", records[::-1])))
+    ids = {e["text"]: e["expression_id"] for e in first[0]["expressions"]}
+    assert len(set(ids.values())) == 2
+    assert ids == {e["text"]: e["expression_id"] for e in again[0]["expressions"]}
+    assert first[0]["image_uri"] == "/abs/x.png"
+
+
+def test_missing_column_and_unknown_extension(tmp_path):
+    with pytest.raises(SourceError, match=r"lacks column\(s\) \['expression'\]"):
+        manifest.read_records(str(_write(tmp_path / "m.jsonl", [{"image": "a.png", "text": "x"}])))
+    (tmp_path / "m.txt").write_text("x")
+    with pytest.raises(SourceError, match="unsupported extension"):
+        manifest.read_records(str(tmp_path / "m.txt"))

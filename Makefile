@@ -1,11 +1,11 @@
 # Two commands do all the set-up on a fresh clone:
-#   make demo   - create .venv if needed, then run the annotate job on its embedded default
+#   make demo   - create .venv if needed, then run the main job on its embedded default (prepare, until annotate lands)
 #   make test   - create .venv if needed, then run the whole test suite
 PYTHON ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test clean
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -13,16 +13,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(VENV)/bin/python -m jobs.annotate
+	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(VENV)/bin/python -m jobs.prepare --format shapes --num-images 200 --seed 0 --out data/shapes-gres/tasks
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check gsva pipeline jobs tests bench
+	$(VENV)/bin/ruff check gsva pipeline jobs tests
 	$(VENV)/bin/python -m pytest -q --timeout=900; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo 'pytest collected no tests' >&2; fi; exit $$rc
-
-bench: $(STAMP)
-	$(VENV)/bin/python -m bench.score_bench
-	$(VENV)/bin/python -m bench.annotate_bench
 
 clean:
 	rm -rf data outputs .pytest_cache

@@ -77,7 +77,8 @@ def check_access(uri: str, options: StorageOptions | None = None, write: bool = 
     try:
         if write:
             fs.makedirs(path, exist_ok=True)
-            probe = posixpath.join(path, ".gsva-write-probe") if not is_local(uri) else os.path.join(path, ".gsva-write-probe")
+            join_path = os.path.join if is_local(uri) else posixpath.join
+            probe = join_path(path, ".gsva-write-probe")
             with fs.open(probe, "wb") as f:
                 f.write(b"ok")
             fs.rm(probe)

@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh clone:
-#   make demo   - create .venv if needed, then run the main job on its embedded default (prepare, until annotate lands)
+#   make demo   - create .venv if needed, then run the annotate job on its embedded default
 #   make test   - create .venv if needed, then run the whole test suite
 PYTHON ?= python3.11
 VENV := .venv
@@ -13,10 +13,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(VENV)/bin/python -m jobs.prepare --format shapes --num-images 200 --seed 0 --out data/shapes-gres/tasks
+	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(VENV)/bin/python -m jobs.annotate
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check gsva pipeline jobs tests
+	$(VENV)/bin/ruff check gsva pipeline jobs tests bench
 	$(VENV)/bin/python -m pytest -q --timeout=900; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo 'pytest collected no tests' >&2; fi; exit $$rc
 

@@ -1,0 +1,138 @@
+"""`python -m jobs.annotate`: GSVA predictions for every expression of a task-shard dataset, on Ray Data.
+
+With no arguments it runs the embedded default: local Ray, Shapes-GRES task shards generated into
+./data/shapes-gres/tasks if absent, the checkpoint checkpoints/shapes-gres/ if it exists (else the tiny preset),
+predictions into ./outputs/annotate, and a one-screen summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pipeline.annotate.config import AnnotateConfig, ConfigError, InputLimits, Scheduling, parse_replicas
+from pipeline.storage import StorageOptions
+
+DEFAULT_TASKS = Path("data/shapes-gres/tasks")
+DEFAULT_OUTPUT = Path("outputs/annotate")
+DEFAULT_CHECKPOINT = Path("checkpoints/shapes-gres")
+FALLBACK_PRESET = "tiny"
+#: Embedded default dataset: small enough for a laptop CPU in a minute, all three splits.
+DEFAULT_IMAGES = 200
+DEFAULT_SEED = 0
+DEFAULT_ROWS_PER_FILE = 25  # several input files: resume and progress work per file
+EXIT_PROBLEMS, EXIT_REFUSED = 1, 2
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m jobs.annotate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", help="task shards: a folder or .parquet file (local, file://, s3://); "
+                                   f"default: Shapes-GRES generated into {DEFAULT_TASKS}")
+    p.add_argument("--output", default=str(DEFAULT_OUTPUT), help="output folder (default: %(default)s)")
+    p.add_argument("--checkpoint", help=f"checkpoint URI or preset name (default: {DEFAULT_CHECKPOINT}/ if it "
+                                        f"exists, else the {FALLBACK_PRESET!r} preset)")
+    p.add_argument("--mode", default="generate", choices=["generate", "teacher-forced"],
+                   help="generate: no ground truth needed; teacher-forced: the official benchmark protocol")
+    p.add_argument("--replicas", default="1", help="model replicas: N (fixed pool) or MIN,MAX (autoscaling)")
+    p.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs per replica; 0 runs on CPU")
+    p.add_argument("--cpus-per-replica", type=float, default=Scheduling.cpus_per_replica,
+                   help="CPUs reserved per replica (default: %(default)s)")
+    p.add_argument("--decode-tasks", type=int, help="most concurrent image-decoding tasks (default: as many as "
+                                                     "free CPUs allow)")
+    p.add_argument("--batch-size", type=int, default=Scheduling.batch_size,
+                   help="images per model call, each with all its expressions (default: %(default)s)")
+    p.add_argument("--max-expressions-per-prompt", type=int, default=AnnotateConfig.max_expressions_per_prompt,
+                   help="expressions of one image per conversation (default: %(default)s)")
+    p.add_argument("--max-expression-chars", type=int, default=InputLimits.max_expression_chars,
+                   help="longer expressions become error rows (default: %(default)s)")
+    p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (else AWS_ENDPOINT_URL / AWS default)")
+    p.add_argument("--overwrite", action="store_true", help="discard the output's earlier predictions first")
+    p.add_argument("--retry-errors", action="store_true", help="re-run only the rows that ended in error")
+    return p.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace) -> AnnotateConfig:
+    lo, hi = parse_replicas(args.replicas)
+    checkpoint = args.checkpoint or (str(DEFAULT_CHECKPOINT) if DEFAULT_CHECKPOINT.is_dir() else FALLBACK_PRESET)
+    return AnnotateConfig(
+        input=args.input or str(DEFAULT_TASKS), output=args.output, checkpoint=checkpoint,
+        mode=args.mode, max_expressions_per_prompt=args.max_expressions_per_prompt,
+        limits=InputLimits(max_expression_chars=args.max_expression_chars),
+        scheduling=Scheduling(min_replicas=lo, max_replicas=hi, gpus_per_replica=args.gpus_per_replica,
+                              cpus_per_replica=args.cpus_per_replica, decode_tasks=args.decode_tasks,
+                              batch_size=args.batch_size),
+        storage=StorageOptions(s3_endpoint=args.s3_endpoint),
+        overwrite=args.overwrite, retry_errors=args.retry_errors,
+    ).validate()
+
+
+def ensure_default_data(tasks: Path) -> None:
+    """Generate the embedded Shapes-GRES task shards (raw files in tasks/raw) unless prepare finished before."""
+    from pipeline.tasks import SUMMARY_FILE
+
+    if (tasks / SUMMARY_FILE).exists():
+        return
+    from jobs import prepare
+
+    print(f"generating Shapes-GRES ({DEFAULT_IMAGES} images) into {tasks} ...", flush=True)
+    code = prepare.main(["--format", "shapes", "--num-images", str(DEFAULT_IMAGES), "--seed", str(DEFAULT_SEED),
+                         "--rows-per-file", str(DEFAULT_ROWS_PER_FILE), "--out", str(tasks.resolve())])
+    if code != 0:
+        raise SystemExit(f"annotate: generating the default dataset failed (prepare exit code {code})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.annotate.fingerprint import FingerprintMismatch
+    from pipeline.annotate.model import ModelLoadError
+    from pipeline.annotate.run import run
+    from pipeline.ray_runtime import ensure_ray
+    from pipeline.storage import StorageError
+
+    args = parse_args(argv)
+    try:
+        config = build_config(args)
+    except ConfigError as exc:
+        print(f"annotate: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    ensure_ray()  # before prepare, so the default dataset's generation joins the same (4+ CPU) cluster
+    if args.input is None:
+        ensure_default_data(DEFAULT_TASKS)
+    try:
+        summary = run(config)
+    except (ConfigError, FingerprintMismatch, StorageError, ModelLoadError, FileNotFoundError) as exc:
+        print(f"annotate: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    except Exception as exc:  # noqa: BLE001 - a replica that cannot load the model fails inside Ray
+        message = model_load_message(exc)
+        if message is None:
+            raise
+        print(f"annotate: {message}", file=sys.stderr)
+        return EXIT_REFUSED
+    print(summary.render(), flush=True)
+    return 0 if summary.ok else EXIT_PROBLEMS
+
+
+def model_load_message(exc: BaseException) -> str | None:
+    """The one ModelLoadError line inside whatever Ray wrapped it in, or None if it is something else."""
+    from pipeline.annotate.model import ModelLoadError
+
+    seen: set[int] = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ModelLoadError):
+            return str(e)
+        stack.extend([e.__cause__, e.__context__, getattr(e, "cause", None)])
+    for line in str(exc).splitlines():
+        if "ModelLoadError: " in line:
+            return line.split("ModelLoadError: ", 1)[1].strip()
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""The annotate pipeline as a lazy Ray Data graph: read task shards -> decode (CPU tasks) -> GSVA (actor pool)
+-> write (PredictionSink). Nothing runs until `write_predictions` consumes it, and nothing is materialised
+on the driver: rows stream from storage to storage.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pipeline.annotate.config import Scheduling
+from pipeline.annotate.decode import DecodeSpec, DecodeStage
+from pipeline.annotate.model import ModelSpec, PredictStage
+from pipeline.annotate.sink import PredictionSink
+from pipeline.storage import StorageOptions, filesystem, protocol_of
+
+if TYPE_CHECKING:
+    import ray.data
+
+
+def read_tasks(uris: list[str], storage: StorageOptions) -> ray.data.Dataset:
+    """Task shards (one row per image) with a `path` column naming each row's shard.
+
+    One read per filesystem: --retry-errors reads its retry shards from the output's store, which may
+    differ from the input's.
+    """
+    import ray.data
+
+    by_protocol: dict[str, tuple[object, list[str]]] = {}
+    for uri in uris:
+        fs, path = filesystem(uri, storage)
+        by_protocol.setdefault(protocol_of(uri), (fs, []))[1].append(path)
+    reads = [ray.data.read_parquet(paths, filesystem=fs, include_paths=True) for fs, paths in by_protocol.values()]
+    return reads[0] if len(reads) == 1 else reads[0].union(*reads[1:])
+
+
+def annotate(tasks: ray.data.Dataset, decode: DecodeSpec, model: ModelSpec, scheduling: Scheduling,
+             predict_cls: type = PredictStage) -> ray.data.Dataset:
+    """Task rows -> prediction rows (PART_SCHEMA): the decode stage, then the model replicas.
+
+    `predict_cls` is the model stage class (a subclass in tests injects faults; production uses the default).
+    """
+    import ray.data
+
+    decoded = tasks.map_batches(
+        DecodeStage(decode), batch_format="pyarrow", batch_size=scheduling.decode_batch_size,
+        num_cpus=scheduling.decode_task_cpus, compute=ray.data.TaskPoolStrategy(size=scheduling.decode_tasks),
+    )
+    if scheduling.min_replicas == scheduling.max_replicas:
+        pool = ray.data.ActorPoolStrategy(size=scheduling.min_replicas)
+    else:
+        pool = ray.data.ActorPoolStrategy(min_size=scheduling.min_replicas, max_size=scheduling.max_replicas)
+    return decoded.map_batches(
+        predict_cls, fn_constructor_args=(model,), compute=pool, batch_format="pyarrow",
+        batch_size=scheduling.batch_size, num_cpus=scheduling.cpus_per_replica,
+        num_gpus=scheduling.gpus_per_replica or None,
+    )
+
+
+def write_predictions(predictions: ray.data.Dataset, sink: PredictionSink) -> None:
+    """Run the graph: stream prediction batches into the sink (which finalises each input file)."""
+    predictions.write_datasink(sink)

@@ -16,7 +16,8 @@ from pipeline.storage import StorageOptions
 
 DEFAULT_TASKS = Path("data/shapes-gres/tasks")
 DEFAULT_OUTPUT = Path("outputs/annotate")
-DEFAULT_CHECKPOINT = Path("checkpoints/shapes-gres")
+#: The shipped Shapes-GRES model, found next to the code (also in a `ray job submit --working-dir` upload).
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "shapes-gres"
 FALLBACK_PRESET = "tiny"
 #: Embedded default dataset: small enough for a laptop CPU in a minute, all three splits.
 DEFAULT_IMAGES = 200

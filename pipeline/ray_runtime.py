@@ -21,5 +21,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
         return
+    # The dashboard (loopback only) shows a local run's progress, and Ray Train's placement-group cleaner
+    # polls its state API: without it the train job logs "State API may be temporarily unavailable" every second.
     ray.init(address="local", num_cpus=num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1),
-             include_dashboard=False, _node_ip_address="127.0.0.1")
+             include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1")

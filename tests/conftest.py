@@ -49,3 +49,15 @@ def s3():
         else:
             os.environ[k] = v
     server.stop()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread in the test process is far faster than two
+    contended ones (OMP_NUM_THREADS above is too late when torch was imported first)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -24,22 +24,24 @@ def modes(output) -> set[str]:
 
 
 def test_embedded_default_end_to_end_resume_refusal_overwrite(ray_local, tmp_path, monkeypatch, capsys):
-    """The acceptance run on local files: no arguments -> Shapes-GRES generated, annotated by the real tiny
-    model on local Ray; then a re-run skips everything, another config is refused, --overwrite starts afresh."""
+    """The acceptance run on local files: no arguments -> Shapes-GRES generated, annotated by the shipped
+    Shapes-GRES model on local Ray; then a re-run skips everything, another config is refused, --overwrite
+    starts afresh."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(job, "DEFAULT_IMAGES", 8)
     monkeypatch.setattr(job, "DEFAULT_ROWS_PER_FILE", 4)
     assert job.main(SMALL) == 0  # no --input/--output/--checkpoint: the embedded default
     out = capsys.readouterr().out
     output, tasks = tmp_path / "outputs" / "annotate", tmp_path / "data" / "shapes-gres" / "tasks"
-    assert "annotate: done" in out and "expressions/s" in out and "preset:tiny@seed0" in out
+    assert "annotate: done" in out and "expressions/s" in out and "model shapes@sha256:" in out
     shards = sorted(tasks.glob("*.parquet"))
     task_rows = [r for f in shards for r in pq.read_table(f).to_pylist()]
     table = read_predictions(output)
     assert table.schema.equals(PREDICTION_SCHEMA)
     assert_one_row_per_expression(table, task_rows)
     assert set(table.column("status").to_pylist()) == {STATUS_OK}
-    assert set(table.column("model").to_pylist()) == {"preset:tiny@seed0"} and modes(output) == {"generate"}
+    (model,) = set(table.column("model").to_pylist())
+    assert model.startswith("shapes@sha256:") and modes(output) == {"generate"}
     sizes = {r["image_id"]: [r["height"], r["width"]] for r in task_rows}
     for row in table.to_pylist():
         assert row["mask"]["size"] == sizes[row["image_id"]]

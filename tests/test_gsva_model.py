@@ -19,15 +19,6 @@ from gsva.tokens import build_builtin_tokenizer, check_tokenizer, token_ids
 from gsva.transforms import prepare_images
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is ~50x faster than two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ------------------------------------------------------------------ official parameter counts, by hand
 def llama(vocab: int, h: int, inter: int, layers: int) -> int:
     """LLaMA decoder + lm_head: q,k,v,o (no bias), gate/up/down, 2 RMSNorms per layer, final norm."""

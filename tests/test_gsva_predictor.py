@@ -12,16 +12,6 @@ from gsva.answers import match_slots
 from gsva.predictor import ExpressionResult, GSVAPredictor
 from gsva.transforms import ImageError, prepare_images
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is ~50x faster than two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 EXPRESSIONS = [["the red circle", "all blue shapes", "the leftmost square", "the green triangle"], ["all circles"]]
 
 

@@ -17,15 +17,6 @@ from gsva.tokens import build_builtin_tokenizer
 from gsva.training import Sample, make_batch, training_loss
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is ~50x faster than two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def shapes_sample(h: int, w: int, seed: int) -> Sample:
     """A grey image with a red square and a blue disc; expressions for both and a no-target one."""
     rng = np.random.default_rng(seed)

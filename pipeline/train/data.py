@@ -1,0 +1,159 @@
+"""Ingestion: task shards -> Ray Data (read + decode, streamed) -> per-worker samples and batches.
+
+Driver side, lazily: ``read_tasks(split)`` -> ``randomize_block_order`` -> ``map(decode_row)`` on CPU
+tasks (image bytes -> RGB pixels). Ray Train splits the stream across workers (``datasets=``,
+``streaming_split(equal=True)``); no dataset is ever loaded whole.
+
+Worker side: each image row becomes one GSVA sample, as in official GSVA: min(K, n) of its n labelled
+expressions drawn at random, one conversation (``gsva.training.Sample``); a draw whose expressions are all
+no-target is drawn again while the image has a target expression (the official loader re-draws such
+samples). Every image is seen once per epoch, each time with a fresh choice of its expressions.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pipeline import masks as rle
+from pipeline.images import ImageError, decode_image, read_image_bytes
+from pipeline.storage import StorageError, StorageOptions
+
+if TYPE_CHECKING:
+    import ray.data
+
+    from gsva.training import Sample
+
+#: CPUs per decode task: differs from the workers' share so the stage never fuses with anything else and
+#: several decode tasks fit beside the training workers (ray-facts.md).
+DECODE_CPUS = 0.5
+#: Image rows fetched from the worker's shard per call (a few batches' worth).
+FETCH_ROWS = 32
+EMPTY_PIXELS = np.zeros((0, 0, 3), dtype=np.uint8)
+NO_ERROR = ""  # a string, not None: an all-None column would arrive as NaN floats
+
+
+@dataclass(frozen=True)
+class DecodeRow:
+    """Ray Data row function: image bytes (embedded or at ``image_uri``) -> ``pixels`` (H, W, 3) uint8.
+
+    An image that cannot be used keeps its row, with empty ``pixels`` and the reason in ``error`` ("" when
+    fine): the worker skips and counts it (one bad image must not kill a multi-hour run).
+    """
+
+    storage: StorageOptions = StorageOptions()
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        name = f"image {row.get('image_id')} ({row.get('image_uri') or 'embedded'})"
+        try:
+            data = row.get("image")
+            if data is None:
+                if not row.get("image_uri"):
+                    raise ImageError(f"{name}: neither embedded bytes nor an image_uri", "missing image")
+                data = read_image_bytes(row["image_uri"], self.storage)
+            pixels, error = decode_image(data, name), NO_ERROR
+        except (ImageError, StorageError) as exc:
+            pixels, error = EMPTY_PIXELS, str(exc)
+        return {"image_id": str(row.get("image_id")), "pixels": pixels, "expressions": row.get("expressions") or [],
+                "error": error}
+
+
+def task_dataset(uri: str, split: str, storage: StorageOptions | None = None,
+                 limit: int | None = None, shuffle_blocks: bool = True) -> ray.data.Dataset:
+    """Lazy dataset of decoded image rows of one split (``limit``: the first N images only)."""
+    from pipeline.tasks import read_tasks
+
+    storage = storage or StorageOptions()
+    ds = read_tasks(uri, storage, splits={split})
+    if limit is not None:
+        ds = ds.limit(limit)
+    if shuffle_blocks:
+        ds = ds.randomize_block_order()
+    return ds.map(DecodeRow(storage), num_cpus=DECODE_CPUS)
+
+
+# ------------------------------------------------------------------------------------------ worker side
+def _plain(value: Any) -> Any:
+    """Ray Data numpy batches hold nested numpy arrays; turn them into lists for RLE / box code."""
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value] if value.dtype == object else value.tolist()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def labelled(expressions: Any) -> list[dict[str, Any]]:
+    """The expressions usable for training / scoring: with a text and a ground-truth mask."""
+    out = []
+    for e in expressions if expressions is not None else []:
+        e = _plain(e)
+        if e.get("text") and e.get("gt_mask") is not None and e["gt_mask"].get("counts") is not None:
+            out.append(e)
+    return out
+
+
+def gt_masks(pixels: np.ndarray, expressions: list[dict[str, Any]], image_id: str) -> list[np.ndarray]:
+    """Decoded bool masks, checked against the image size (a mismatch names the image and expression)."""
+    h, w = pixels.shape[:2]
+    out = []
+    for e in expressions:
+        size = list(e["gt_mask"]["size"])
+        if size != [h, w]:
+            raise ValueError(f"image {image_id}: expression {e.get('expression_id')} has a {size} mask for a "
+                             f"{h}x{w} image")
+        out.append(rle.decode(e["gt_mask"]))
+    return out
+
+
+def draw_samples(pixels: np.ndarray, expressions: list[dict[str, Any]], image_id: str, k: int,
+                 rng: random.Random) -> list[Sample]:
+    """One image's sample: min(K, n) of its labelled expressions, not all no-target when it has a target."""
+    from gsva.training import Sample
+
+    all_masks = gt_masks(pixels, expressions, image_id)
+    has_target = [bool(m.any()) for m in all_masks]
+    size = min(k, len(expressions))
+    group = rng.sample(range(len(expressions)), size)
+    while any(has_target) and not any(has_target[i] for i in group):
+        group = rng.sample(range(len(expressions)), size)
+    return [Sample(pixels, [expressions[i]["text"] for i in group], [all_masks[i] for i in group])]
+
+
+@dataclass
+class EpochStats:
+    images: int = 0
+    samples: int = 0
+    skipped_images: int = 0
+    first_error: str | None = None
+
+
+def sample_batches(rows: Iterator[dict[str, np.ndarray]], batch_size: int, k: int, rng: random.Random,
+                   stats: EpochStats) -> Iterator[list[Sample]]:
+    """Numpy row batches (Ray Data ``iter_batches``) -> lists of exactly ``batch_size`` samples; the
+    remainder that does not fill a batch at the end of the stream is dropped."""
+    pending: list[Sample] = []
+    for fetched in rows:
+        for image_id, pixels, expressions, error in zip(fetched["image_id"], fetched["pixels"],
+                                                         fetched["expressions"], fetched["error"]):
+            usable = labelled(expressions)
+            if error or not usable:
+                stats.skipped_images += 1
+                stats.first_error = stats.first_error or error or f"image {image_id}: no labelled expression"
+                continue
+            new = draw_samples(np.asarray(pixels, dtype=np.uint8), usable, str(image_id), k, rng)
+            stats.images += 1
+            stats.samples += len(new)
+            pending.extend(new)
+            while len(pending) >= batch_size:
+                yield pending[:batch_size]
+                pending = pending[batch_size:]
+
+
+def iterate_rows(shard: Any, shuffle_buffer: int) -> Iterator[dict[str, np.ndarray]]:
+    """One pass over a worker's shard (a Ray ``DataIterator`` or, in local mode, a ``Dataset``)."""
+    return shard.iter_batches(batch_size=FETCH_ROWS, batch_format="numpy",
+                              local_shuffle_buffer_size=shuffle_buffer or None)

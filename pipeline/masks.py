@@ -95,9 +95,3 @@ def intersection_union(pred: Sequence[RLE], gt: Sequence[RLE]) -> tuple[np.ndarr
         uni[i] = a_p + a_g - inter[i]
     return inter, uni
 
-
-def to_bboxes(rles: Sequence[RLE]) -> np.ndarray:
-    """Tight boxes [x, y, w, h] of many RLEs in one pycocotools call ((N, 4) float64; zeros when empty)."""
-    if not len(rles):
-        return np.zeros((0, 4), dtype=np.float64)
-    return np.asarray(mask_utils.toBbox([_to_coco(r) for r in rles]), dtype=np.float64).reshape(-1, 4)

@@ -22,13 +22,11 @@ Definitions (carried over from the public evaluators, see README "Metrics"):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
 import numpy as np
 
-from pipeline import masks
-from pipeline.masks import RLE
+from pipeline.metrics_masks import Masks, intersections
 
 PROTOCOLS = ("rela", "gsva")
 PR_THRESHOLDS = (0.7, 0.8, 0.9)
@@ -40,15 +38,15 @@ METRIC_KEYS = ("giou", "ciou", "n_acc", "t_acc", *(f"pr@{t}" for t in PR_THRESHO
 
 @dataclass
 class ExpressionInputs:
-    """One scored expression per position; RLEs as {"size": [h, w], "counts": str}."""
+    """One scored expression per position."""
 
     no_target: np.ndarray  # bool, the ground truth's flag
-    gt_mask: Sequence[RLE]
-    gt_boxes: Sequence[Sequence[Sequence[float]] | None]  # per target [x, y, w, h]
+    gt_mask: Masks
+    gt_box: np.ndarray  # (N, 4) enclosing box of the targets (`enclosing_boxes`), NaN where none
     failed: np.ndarray  # bool: prediction missing, status error or unusable mask
     rejected: np.ndarray  # bool, the model's decision (ignored where failed)
-    mask: Sequence[RLE | None]  # the prediction (None where failed)
-    forced_mask: Sequence[RLE | None]  # teacher-forced REJ->SEG mask, None when not written
+    mask: Masks  # the prediction (no mask where failed)
+    forced_mask: Masks  # teacher-forced REJ->SEG mask, no mask where not written
 
 
 @dataclass
@@ -77,20 +75,6 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.divide(inter, union, out=np.zeros(len(a)), where=union > 0)
 
 
-def enclosing_box(boxes: Sequence[Sequence[float]] | None, gt_mask: RLE) -> list[float]:
-    """One ground-truth box for an expression: the box enclosing all its targets' boxes.
-
-    For a multi-target expression this is the tight box of the union of the targets (when each target box
-    is tight); without boxes it falls back to the tight box of the ground-truth mask.
-    """
-    boxes = [b for b in (boxes or []) if b is not None and len(b) == 4]
-    if not boxes:
-        return masks.to_bbox(gt_mask)
-    x1, y1 = min(b[0] for b in boxes), min(b[1] for b in boxes)
-    x2, y2 = max(b[0] + b[2] for b in boxes), max(b[1] + b[3] for b in boxes)
-    return [float(x1), float(y1), float(x2 - x1), float(y2 - y1)]
-
-
 def _iou(inter: np.ndarray, union: np.ndarray) -> np.ndarray:
     return np.divide(inter, union, out=np.zeros(len(inter)), where=union > 0)
 
@@ -100,31 +84,31 @@ def score_expressions(inp: ExpressionInputs, protocol: str) -> ExpressionScores:
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
     n = len(inp.gt_mask)
+    everything = np.arange(n)
     failed = np.asarray(inp.failed, dtype=bool)
     rejected = np.asarray(inp.rejected, dtype=bool) & ~failed
-    gt_area = np.array([masks.area(g) for g in inp.gt_mask], dtype=np.int64)
+    gt_area = inp.gt_mask.areas(everything)
 
     # The mask the model outputs: empty where rejected or failed.
-    has_mask = ~failed & ~rejected
-    idx = np.flatnonzero(has_mask)
+    idx = np.flatnonzero(~failed & ~rejected)
+    pred_area = np.zeros(n, np.int64)
+    pred_area[idx] = inp.mask.areas(idx)
     inter_d = np.zeros(n, np.int64)
-    union_d = gt_area.copy()
-    if len(idx):
-        i, u = masks.intersection_union([inp.mask[k] for k in idx], [inp.gt_mask[k] for k in idx])
-        inter_d[idx], union_d[idx] = i, u
+    inter_d[idx] = intersections(inp.mask, inp.gt_mask, idx, pred_area[idx], gt_area[idx])
+    union_d = pred_area + gt_area - inter_d
 
     # The mask GSVA scores: the forced (REJ->SEG) mask where one was written, else the output mask.
     inter_s, union_s, forced_missing = inter_d, union_d, np.zeros(n, bool)
     if protocol == "gsva":
+        has_forced = np.array([c is not None for c in inp.forced_mask.counts], dtype=bool) & ~failed
+        fidx = np.flatnonzero(has_forced & (rejected | np.array(
+            [f != m for f, m in zip(inp.forced_mask.counts, inp.mask.counts)], dtype=bool)))
         inter_s, union_s = inter_d.copy(), union_d.copy()
-        fidx = np.array([k for k in range(n) if not failed[k] and inp.forced_mask[k] is not None
-                         and (rejected[k] or inp.forced_mask[k]["counts"] != inp.mask[k]["counts"])],
-                        dtype=np.int64)
-        if len(fidx):
-            i, u = masks.intersection_union([inp.forced_mask[k] for k in fidx], [inp.gt_mask[k] for k in fidx])
-            inter_s[fidx], union_s[fidx] = i, u
+        f_area = inp.forced_mask.areas(fidx)
+        inter_s[fidx] = intersections(inp.forced_mask, inp.gt_mask, fidx, f_area, gt_area[fidx])
+        union_s[fidx] = f_area + gt_area[fidx] - inter_s[fidx]
         no_target = gt_area == 0
-        forced_missing = rejected & ~no_target & np.array([m is None for m in inp.forced_mask], dtype=bool)
+        forced_missing = rejected & ~no_target & ~has_forced
     else:
         no_target = np.asarray(inp.no_target, dtype=bool)
 
@@ -139,12 +123,12 @@ def score_expressions(inp: ExpressionInputs, protocol: str) -> ExpressionScores:
     miou[(union_d == 0) & ~failed] = 1.0  # both empty
 
     rec_hit = np.zeros(n, bool)
-    pred_area = union_d - gt_area + inter_d  # 0 where rejected or failed
     tidx = np.flatnonzero(~np.asarray(inp.no_target, dtype=bool) & (pred_area > 0))
     if len(tidx):
-        pred_boxes = masks.to_bboxes([inp.mask[k] for k in tidx])
-        gt_boxes = np.array([enclosing_box(inp.gt_boxes[k], inp.gt_mask[k]) for k in tidx], dtype=np.float64)
-        rec_hit[tidx] = box_iou(pred_boxes, gt_boxes) >= REC_IOU_THRESHOLD
+        gt_box = np.asarray(inp.gt_box, np.float64)[tidx]
+        none = np.isnan(gt_box).any(axis=1)
+        gt_box[none] = inp.gt_mask.bboxes(tidx[none])
+        rec_hit[tidx] = box_iou(inp.mask.bboxes(tidx), gt_box) >= REC_IOU_THRESHOLD
 
     return ExpressionScores(no_target=no_target, positive=positive, iou=iou, inter=inter.astype(np.int64),
                             union=union.astype(np.int64), miou=miou, rec_hit=rec_hit, failed=failed,

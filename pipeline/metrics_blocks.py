@@ -17,11 +17,12 @@ import pyarrow.compute as pc
 
 from pipeline import metrics
 from pipeline.metrics_cases import CaseBook, decision_label
+from pipeline.metrics_masks import Masks, enclosing_boxes
 from pipeline.schemas import RLE_TYPE, STATUS_OK
 
 KEY_SEPARATOR = "\x1f"
 GT_COLUMNS = ["image_id", "split", "dataset", "expressions"]
-SOURCE_COLUMN = "path"  # added by read_parquet(include_paths=True)
+SOURCE_COLUMN = "path"  # added by pipeline.parquet.read_parquet(include_paths=True)
 PREDICTION_REQUIRED = ["expression_id", "dataset", "rejected", "mask", "status"]
 PREDICTION_OPTIONAL = ["image_id", "split", "text", "forced_mask", "model", "mode"]
 EXAMPLES_KEPT = 5  # unmatched prediction keys quoted in the report
@@ -119,17 +120,18 @@ def key_predictions(batch: pa.Table, partitions: int) -> pa.Table:
     return _keyed("pred", cols, batch.num_rows, partitions)
 
 
-def _match(gt: dict, pr: dict, counts: InputCounts) -> tuple[list[int], list[int | None]]:
+def _match(gt: dict, pr: dict, counts: InputCounts) -> tuple[np.ndarray, list[int | None]]:
     """Labelled ground-truth rows and, for each, its prediction row (None when missing).
 
-    A key predicted more than once keeps an "ok" row if it has one; the extra rows are counted.
+    `gt` holds dataset, expression_id, labelled; `pr` dataset, expression_id, status (Python lists). A key
+    predicted more than once keeps an "ok" row if it has one; the extra rows are counted.
     """
     gt_keys = list(zip(gt["dataset"], gt["expression_id"]))
     if len(set(gt_keys)) != len(gt_keys):
         seen: set = set()
         dup = next(k for k in gt_keys if k in seen or seen.add(k))
         raise ValueError(f"ground truth holds expression {dup[1]!r} of dataset {dup[0]!r} more than once")
-    idx = [k for k in range(len(gt_keys)) if gt["no_target"][k] is not None and gt["gt_mask"][k] is not None]
+    idx = np.flatnonzero(np.asarray(gt["labelled"], dtype=bool))
     counts.unlabelled = len(gt_keys) - len(idx)
     labelled = {gt_keys[k] for k in idx}
     chosen: dict[tuple, int] = {}
@@ -148,64 +150,60 @@ def _match(gt: dict, pr: dict, counts: InputCounts) -> tuple[list[int], list[int
     return idx, [chosen.get(gt_keys[k]) for k in idx]
 
 
-def _inputs(gt: dict, pr: dict, idx: list[int], match: list[int | None], counts: InputCounts
-            ) -> tuple[metrics.ExpressionInputs, list[str | None]]:
-    """ExpressionInputs of the labelled rows, and why each failed one failed ("missing", "error", "bad mask")."""
-    n = len(idx)
-    reason: list[str | None] = [None] * n
-    mask: list = [None] * n
-    forced: list = [None] * n
-    rejected = np.zeros(n, bool)
-    for i, (k, j) in enumerate(zip(idx, match)):
-        size = gt["gt_mask"][k]["size"]
-        if j is None:
-            reason[i], counts.missing = "missing", counts.missing + 1
-        elif pr["status"][j] != STATUS_OK:
-            reason[i], counts.error_status = "error", counts.error_status + 1
-        elif pr["mask"][j] is None or pr["mask"][j]["size"] != size:
-            reason[i], counts.bad_masks = "bad mask", counts.bad_masks + 1
-        else:
-            mask[i], rejected[i] = pr["mask"][j], bool(pr["rejected"][j])
-            f = pr["forced_mask"][j]
-            if f is not None and f["size"] != size:
-                counts.bad_forced_masks += 1
-                f = None
-            forced[i] = f
-    counts.scored = n
+def _inputs(gt: pa.Table, pred: pa.Table, counts: InputCounts) -> tuple[metrics.ExpressionInputs, list[str | None]]:
+    """ExpressionInputs of aligned ground-truth / prediction rows (a null prediction row = missing), and why
+    each failed row failed ("missing", "error", "bad mask")."""
+    gt_mask = Masks.from_arrow(gt.column("gt_mask"))
+    mask = Masks.from_arrow(pred.column("mask"))
+    forced = Masks.from_arrow(pred.column("forced_mask"))
+    missing = pc.is_null(pred.column("side")).to_numpy(zero_copy_only=False)
+    status_ok = pc.fill_null(pc.equal(pred.column("status"), STATUS_OK), False).to_numpy(zero_copy_only=False)
+    same_size = (mask.height == gt_mask.height) & (mask.width == gt_mask.width)
+    mask_ok = np.array([c is not None for c in mask.counts], dtype=bool) & same_size
+    error = ~missing & ~status_ok
+    bad = ~missing & status_ok & ~mask_ok
+    reason = np.where(missing, "missing", np.where(error, "error", np.where(bad, "bad mask", ""))).tolist()
+    counts.missing, counts.error_status, counts.bad_masks = int(missing.sum()), int(error.sum()), int(bad.sum())
+    wrong_forced = np.array([c is not None for c in forced.counts], dtype=bool) & (
+        (forced.height != gt_mask.height) | (forced.width != gt_mask.width))
+    counts.bad_forced_masks = int((wrong_forced & status_ok).sum())
+    for k in np.flatnonzero(wrong_forced):
+        forced.counts[k] = None
+    counts.scored = gt.num_rows
     inputs = metrics.ExpressionInputs(
-        no_target=np.array([bool(gt["no_target"][k]) for k in idx], dtype=bool),
-        gt_mask=[gt["gt_mask"][k] for k in idx], gt_boxes=[gt["gt_boxes"][k] for k in idx],
-        failed=np.array([r is not None for r in reason], dtype=bool), rejected=rejected,
+        no_target=pc.fill_null(gt.column("no_target"), False).to_numpy(zero_copy_only=False).astype(bool),
+        gt_mask=gt_mask, gt_box=enclosing_boxes(gt.column("gt_boxes")),
+        failed=missing | error | bad,
+        rejected=pc.fill_null(pred.column("rejected"), False).to_numpy(zero_copy_only=False).astype(bool),
         mask=mask, forced_mask=forced)
-    return inputs, reason
-
-
-GT_FIELDS = ["dataset", "expression_id", "image_id", "split", "text", "no_target", "gt_mask", "gt_boxes", "rank",
-             "source"]
-PRED_FIELDS = ["dataset", "expression_id", "rejected", "mask", "forced_mask", "status", "model", "mode"]
+    return inputs, [r or None for r in reason]
 
 
 def score_bucket(batch: pa.Table, protocol: str, by: tuple[str, ...], per_kind: int) -> pa.Table:
     """All rows of one key bucket -> PARTIAL_SCHEMA rows: a ScoreStats per group, InputCounts, CaseBook."""
     side = batch.column("side")
-    gt = batch.filter(pc.equal(side, "gt")).select(GT_FIELDS).to_pydict()
-    pr = batch.filter(pc.equal(side, "pred")).select(PRED_FIELDS).to_pydict()
-    counts = InputCounts(predictions_read=len(pr["dataset"]), ground_truth_expressions=len(gt["dataset"]),
-                         models=sorted(set(pr["model"]) - {None}), modes=sorted(set(pr["mode"]) - {None}))
+    gt_rows = batch.filter(pc.equal(side, "gt"))
+    pr_rows = batch.filter(pc.equal(side, "pred"))
+    labelled = pc.and_(pc.is_valid(gt_rows.column("no_target")), pc.is_valid(gt_rows.column("gt_mask")))
+    gt = {**gt_rows.select(["dataset", "expression_id"]).to_pydict(), "labelled": labelled.to_pylist()}
+    pr = pr_rows.select(["dataset", "expression_id", "status"]).to_pydict()
+    counts = InputCounts(predictions_read=pr_rows.num_rows, ground_truth_expressions=gt_rows.num_rows,
+                         models=sorted(set(pr_rows.column("model").to_pylist()) - {None}),
+                         modes=sorted(set(pr_rows.column("mode").to_pylist()) - {None}))
     idx, match = _match(gt, pr, counts)
-    inputs, reason = _inputs(gt, pr, idx, match, counts)
+    gt_rows = gt_rows.take(pa.array(idx, pa.int64()))
+    pred = pr_rows.take(pa.array(match, pa.int64()))  # null rows where missing
+    inputs, reason = _inputs(gt_rows, pred, counts)
     scores = metrics.score_expressions(inputs, protocol)
 
     rows = [("inputs", None, json.dumps(counts.to_dict()))]
-    names = np.array(["/".join(str(gt[c][k]) if gt[c][k] is not None else "none" for c in by) for k in idx],
-                     dtype=object)
+    parts = [pc.fill_null(gt_rows.column(c), "none") for c in by]
+    names = np.asarray(pc.binary_join_element_wise(*parts, "/").to_numpy(zero_copy_only=False), dtype=object)
     for name in sorted(set(names)):
         stats = metrics.ScoreStats.from_scores(scores, rec_target=~inputs.no_target, select=names == name)
         rows.append(("stats", name, json.dumps(stats.to_dict())))
-    case_rows = {c: [gt[c][k] for k in idx] for c in ("dataset", "expression_id", "image_id", "split", "text",
-                                                        "gt_mask", "rank", "source")}
-    case_rows["mask"] = inputs.mask
-    case_rows["decision"] = [decision_label(r, bool(rej)) for r, rej in zip(reason, inputs.rejected)]
-    book = CaseBook.from_block(scores, case_rows, per_kind=per_kind)
+    decisions = [decision_label(r, bool(rej)) for r, rej in zip(reason, inputs.rejected)]
+    shown = gt_rows.select(["dataset", "expression_id", "image_id", "split", "text", "gt_mask", "rank", "source"])
+    book = CaseBook.from_block(scores, shown.append_column("mask", pred.column("mask")), decisions, per_kind)
     rows.append(("cases", None, json.dumps(book.to_dict())))
     return pa.table(list(map(list, zip(*rows))), schema=PARTIAL_SCHEMA)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
 
 from pipeline.metrics import ExpressionScores
 
@@ -42,18 +43,19 @@ class CaseBook:
         return sorted(candidates, key=lambda c: self._order(kind, c))[: self.per_kind]
 
     @classmethod
-    def from_block(cls, scores: ExpressionScores, rows: dict[str, list], per_kind: int = DEFAULT_PER_KIND
-                   ) -> CaseBook:
-        """Pick from one block. `rows` holds per-expression lists: dataset, expression_id, image_id, split,
-        text, gt_mask, mask, decision (see `decision_label`), rank (int), source (the task shard's path)."""
+    def from_block(cls, scores: ExpressionScores, rows: pa.Table, decisions: list[str],
+                   per_kind: int = DEFAULT_PER_KIND) -> CaseBook:
+        """Pick from one block. `rows` (aligned with `scores`) holds dataset, expression_id, image_id, split,
+        text, gt_mask, mask, rank (int) and source (the task shard's path); `decisions` see `decision_label`.
+        Only the picked rows are converted to Python."""
         book = cls(per_kind=per_kind)
         target = ~scores.no_target
         ok = ~scores.failed
-        rank = np.asarray(rows["rank"], dtype=np.int64)
+        rank = rows.column("rank").to_numpy(zero_copy_only=False).astype(np.int64)
         pools = {
             "best": np.flatnonzero(target & ok),
             "worst": np.flatnonzero(target),
-            "rejected": np.flatnonzero(ok & np.array([d == "rej" for d in rows["decision"]], dtype=bool)),
+            "rejected": np.flatnonzero(ok & np.array([d == "rej" for d in decisions], dtype=bool)),
         }
         for kind, idx in pools.items():
             if not len(idx):
@@ -64,18 +66,11 @@ class CaseBook:
                 order = np.lexsort((rank[idx], scores.iou[idx]))
             else:
                 order = np.argsort(rank[idx], kind="stable")
-            book.cases[kind] = [cls._case(scores, rows, int(k)) for k in idx[order[:per_kind]]]
+            picked = idx[order[:per_kind]]
+            book.cases[kind] = [
+                dict(row, no_target=bool(scores.no_target[k]), decision=decisions[k], iou=float(scores.iou[k]))
+                for k, row in zip(picked, rows.take(pa.array(picked, pa.int64())).to_pylist())]
         return book
-
-    @staticmethod
-    def _case(scores: ExpressionScores, rows: dict[str, list], k: int) -> dict:
-        return {
-            "dataset": rows["dataset"][k], "expression_id": rows["expression_id"][k],
-            "image_id": rows["image_id"][k], "split": rows["split"][k], "text": rows["text"][k],
-            "no_target": bool(scores.no_target[k]), "decision": rows["decision"][k],
-            "iou": float(scores.iou[k]), "rank": int(rows["rank"][k]),
-            "gt_mask": rows["gt_mask"][k], "mask": rows["mask"][k], "source": rows["source"][k],
-        }
 
     def __add__(self, other: CaseBook) -> CaseBook:
         per_kind = max(self.per_kind, other.per_kind)

@@ -22,16 +22,17 @@ GT_COLOUR = "cyan"  # outline; both colours stay apart from the shapes' red, gre
 PRED_COLOUR = np.array([255, 0, 255], np.float64)  # magenta fill
 OVERLAY_ALPHA = 0.5
 DPI = 110
+GALLERY_DPI = 80  # photos compress badly in PNG: keep the gallery file small
 TITLE_WIDTH = 30  # characters per line of a gallery caption
 
 
-def _figure(width: float, height: float):
+def _figure(width: float, height: float, dpi: int = DPI):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt, plt.figure(figsize=(width, height), dpi=DPI)
+    return plt, plt.figure(figsize=(width, height), dpi=dpi)
 
 
 def _png(plt, fig) -> bytes:
@@ -150,7 +151,7 @@ def overlay(image: np.ndarray | None, pred: np.ndarray | None, shape: tuple[int,
 def gallery(cases: CaseBook, images: dict[tuple[str, str], np.ndarray | None]) -> bytes:
     """Rows best / worst / rejected; each cell the overlay, the expression, the decision and the IoU."""
     cols = max(1, cases.per_kind)
-    plt, fig = _figure(2.6 * cols, 3.0 * len(KINDS))
+    plt, fig = _figure(2.6 * cols, 3.0 * len(KINDS), GALLERY_DPI)
     for r, kind in enumerate(KINDS):
         for c in range(cols):
             ax = fig.add_subplot(len(KINDS), cols, r * cols + c + 1)

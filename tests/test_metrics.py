@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline import masks, metrics, metrics_blocks, scoring
+from pipeline import masks, metrics, metrics_blocks, metrics_masks, scoring
 from pipeline.metrics_reference import reference_score
 from pipeline.schemas import PREDICTION_SCHEMA, TASK_SCHEMA
 
@@ -36,15 +36,15 @@ BLOB = box_mask(0, 2, 0, 5)  # 10 px
 
 
 def inputs(rows: list[dict]) -> metrics.ExpressionInputs:
-    """rows: no_target, gt (array), pred (array or None = failed), rejected, forced (array or None)."""
+    """rows: no_target, gt (array), pred (array or None = failed), rejected, forced (array or None), boxes."""
     return metrics.ExpressionInputs(
         no_target=np.array([r["no_target"] for r in rows]),
-        gt_mask=[rle(r["gt"]) for r in rows],
-        gt_boxes=[r.get("boxes") for r in rows],
+        gt_mask=metrics_masks.Masks.from_rles([rle(r["gt"]) for r in rows]),
+        gt_box=metrics_masks.enclosing_boxes(pa.array([r.get("boxes") for r in rows], type=metrics_masks.BOXES_TYPE)),
         failed=np.array([r["pred"] is None for r in rows]),
         rejected=np.array([r.get("rejected", False) for r in rows]),
-        mask=[rle(r["pred"]) for r in rows],
-        forced_mask=[rle(r.get("forced")) for r in rows])
+        mask=metrics_masks.Masks.from_rles([rle(r["pred"]) for r in rows]),
+        forced_mask=metrics_masks.Masks.from_rles([rle(r.get("forced")) for r in rows]))
 
 
 # a: target, IoU 0.8 | b: target wrongly rejected, forced mask exact | c: no-target rejected
@@ -129,7 +129,27 @@ def test_multi_target_iou_and_box_of_union():
     assert s.iou.tolist() == pytest.approx([0.5, 32 / 100])
     # GT box = box enclosing both targets [0, 0, 10, 10]: one square covers 16 %, the full frame 100 %.
     assert s.rec_hit.tolist() == [False, True]
-    assert metrics.enclosing_box(None, masks.encode(gt)) == [0.0, 0.0, 10.0, 10.0]
+    boxes = metrics_masks.enclosing_boxes(pa.array([[[0, 0, 4, 4], [6, 6, 4, 4]], None, [[1, 2, 3]]],
+                                             type=metrics_masks.BOXES_TYPE))
+    assert boxes[0].tolist() == [0.0, 0.0, 10.0, 10.0] and np.isnan(boxes[1:]).all()
+
+
+def test_mask_helpers_match_pycocotools_one_by_one():
+    rng = np.random.default_rng(7)
+    pairs = []
+    for _ in range(60):
+        h, w = (int(v) for v in rng.integers(1, 40, 2))
+        pairs.append((rng.random((h, w)) < rng.random(), rng.random((h, w)) < rng.random()))
+    a = [masks.encode(p) for p, _ in pairs] + [None]
+    b = [masks.encode(g) for _, g in pairs] + [masks.encode(EMPTY)]
+    ma, mb = metrics_masks.Masks.from_rles(a), metrics_masks.Masks.from_rles(b)
+    rows = np.arange(len(pairs))
+    area_a, area_b = ma.areas(rows), mb.areas(rows)
+    inter, union = masks.intersection_union(a[:-1], b[:-1])
+    assert (metrics_masks.intersections(ma, mb, rows, area_a, area_b) == inter).all()
+    assert (area_a + area_b - inter == union).all()
+    assert ma.bboxes(rows).tolist() == [masks.to_bbox(r) for r in a[:-1]]
+    assert ma.counts[-1] is None and ma.height[-1] == 0
 
 
 def test_box_iou_and_hist():

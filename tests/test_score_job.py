@@ -49,6 +49,7 @@ def _check_report(doc: dict, tasks, preds, protocol: str, by: tuple[str, ...]) -
     assert counts["without_ground_truth"] == 2 and counts["duplicates"] == 2
 
 
+@pytest.mark.slow
 def test_job_local_files_then_s3_with_baseline(ray_local, s3, shards, tmp_path, capsys):
     """Run 1: local files, ReLA protocol, grouped by split and dataset. Run 2: the same data from the
     loopback S3 server into S3, GSVA protocol, grouped by dataset, compared with run 1's metrics.json."""

@@ -7,30 +7,22 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from pipeline import parquet
 from pipeline.annotate.config import Scheduling
 from pipeline.annotate.decode import DecodeSpec, DecodeStage
 from pipeline.annotate.model import ModelSpec, PredictStage
 from pipeline.annotate.sink import PredictionSink
-from pipeline.storage import StorageOptions, filesystem, protocol_of
+from pipeline.storage import StorageOptions
 
 if TYPE_CHECKING:
     import ray.data
 
 
 def read_tasks(uris: list[str], storage: StorageOptions) -> ray.data.Dataset:
-    """Task shards (one row per image) with a `path` column naming each row's shard.
-
-    One read per filesystem: --retry-errors reads its retry shards from the output's store, which may
-    differ from the input's.
-    """
-    import ray.data
-
-    by_protocol: dict[str, tuple[object, list[str]]] = {}
-    for uri in uris:
-        fs, path = filesystem(uri, storage)
-        by_protocol.setdefault(protocol_of(uri), (fs, []))[1].append(path)
-    reads = [ray.data.read_parquet(paths, filesystem=fs, include_paths=True) for fs, paths in by_protocol.values()]
-    return reads[0] if len(reads) == 1 else reads[0].union(*reads[1:])
+    """Task shards (one row per image) with a `path` column naming each row's shard (its path within its
+    filesystem). Input shards and --retry-errors shards (in the output's store) may be on different stores:
+    each file is opened through its own URI."""
+    return parquet.read_parquet(uris, storage, include_paths=True)
 
 
 def annotate(tasks: ray.data.Dataset, decode: DecodeSpec, model: ModelSpec, scheduling: Scheduling,

@@ -1,0 +1,101 @@
+"""Masks of one block as pycocotools reads them, and the few batch operations scoring needs on them.
+
+Built straight from the Arrow RLE struct column (counts as bytes, sizes as numpy): no Python dict per row
+until pycocotools is called, and no mask is ever decoded to a dense array. `intersections` computes the same
+numbers as `pipeline.masks.intersection_union` (pycocotools merge + area), without its per-call conversions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pycocotools import mask as mask_utils
+
+from pipeline.masks import RLE
+from pipeline.schemas import RLE_TYPE
+
+BOXES_TYPE = pa.list_(pa.list_(pa.float64()))  # gt_boxes: per target [x, y, w, h]
+
+
+@dataclass
+class Masks:
+    """N COCO RLE masks in the form pycocotools reads (counts as bytes); counts None = no mask."""
+
+    counts: list[bytes | None]
+    height: np.ndarray  # (N,) int64, 0 where no mask
+    width: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    @classmethod
+    def from_arrow(cls, column: pa.Array | pa.ChunkedArray) -> Masks:
+        """From an RLE_TYPE struct column, without building a Python object per size list."""
+        counts = pc.struct_field(column, "counts")
+        valid = pc.and_(pc.is_valid(column), pc.is_valid(counts)).to_numpy(zero_copy_only=False)
+        size = pc.struct_field(column, "size")
+        has_size = valid & (pc.fill_null(pc.list_value_length(size), 0).to_numpy(zero_copy_only=False) == 2)
+        hw = np.zeros((len(valid), 2), np.int64)
+        if has_size.any():
+            hw[has_size] = pc.list_flatten(pc.filter(size, pa.array(has_size))).to_numpy(
+                zero_copy_only=False).reshape(-1, 2)
+        data = counts.cast(pa.binary()).to_pylist()
+        return cls([d if ok else None for d, ok in zip(data, has_size)], hw[:, 0], hw[:, 1])
+
+    @classmethod
+    def from_rles(cls, rles: Sequence[RLE | None]) -> Masks:
+        return cls.from_arrow(pa.array(list(rles), type=RLE_TYPE))
+
+    def __post_init__(self) -> None:
+        self._sizes = list(zip(self.height.tolist(), self.width.tolist()))  # plain ints for pycocotools
+
+    def coco(self, i: int) -> dict:
+        return {"size": self._sizes[i], "counts": self.counts[i]}
+
+    def areas(self, rows: np.ndarray) -> np.ndarray:
+        """Areas of the masks at `rows`. One call per mask: pycocotools' list form fails on long lists under
+        numpy 2 ("Python integer 100000 out of bounds for uint8")."""
+        return np.array([mask_utils.area(self.coco(k)) for k in rows], dtype=np.int64)
+
+    def bboxes(self, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), 4) tight boxes [x, y, w, h] (pycocotools toBbox, one call)."""
+        if not len(rows):
+            return np.zeros((0, 4))
+        return np.asarray(mask_utils.toBbox([self.coco(k) for k in rows]), np.float64).reshape(-1, 4)
+
+
+def intersections(a: Masks, b: Masks, rows: np.ndarray, a_area: np.ndarray, b_area: np.ndarray) -> np.ndarray:
+    """|a_k ∩ b_k| for k in rows, on the RLEs (pycocotools merge + area, as `pipeline.masks.intersection_union`);
+    a_area / b_area are the masks' areas at those rows (an empty side skips the merge)."""
+    out = np.zeros(len(rows), np.int64)
+    for i, k in enumerate(rows):
+        if a_area[i] and b_area[i]:
+            out[i] = mask_utils.area(mask_utils.merge([a.coco(k), b.coco(k)], intersect=True))
+    return out
+
+
+def enclosing_boxes(gt_boxes: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """(N, 4) ground-truth box per expression: the box enclosing all its targets' [x, y, w, h] boxes, i.e. the
+    tight box of the union of the targets (when each target box is tight); NaN where it has no box."""
+    if isinstance(gt_boxes, pa.ChunkedArray):
+        gt_boxes = gt_boxes.combine_chunks() if gt_boxes.num_chunks else pa.array([], BOXES_TYPE)
+    gt_boxes = gt_boxes.cast(BOXES_TYPE)
+    out = np.full((len(gt_boxes), 4), np.nan)
+    inner = pc.list_flatten(gt_boxes)
+    parent = pc.list_parent_indices(gt_boxes).to_numpy(zero_copy_only=False)
+    good = (pc.fill_null(pc.list_value_length(inner), 0).to_numpy(zero_copy_only=False) == 4)
+    if not good.any():
+        return out
+    xywh = pc.list_flatten(pc.filter(inner, pa.array(good))).to_numpy(zero_copy_only=False).reshape(-1, 4)
+    parent = parent[good]
+    first = np.flatnonzero(np.r_[True, parent[1:] != parent[:-1]])
+    rows = parent[first]
+    x1, y1 = np.minimum.reduceat(xywh[:, 0], first), np.minimum.reduceat(xywh[:, 1], first)
+    x2 = np.maximum.reduceat(xywh[:, 0] + xywh[:, 2], first)
+    y2 = np.maximum.reduceat(xywh[:, 1] + xywh[:, 3], first)
+    out[rows] = np.stack([x1, y1, x2 - x1, y2 - y1], axis=1)
+    return out

@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import masks  # noqa: E402
+from pipeline.formats import shapes  # noqa: E402
 from pipeline.metrics_reference import reference_score  # noqa: E402
 from pipeline.schemas import PREDICTION_SCHEMA, TASK_SCHEMA  # noqa: E402
 
@@ -49,12 +50,8 @@ REPORT = Path(__file__).resolve().parent / "results" / "score_report"
 
 
 def _polygon(shape: int, cx: float, cy: float, s: float) -> list[float]:
-    if shape == 0:
-        t = 2 * np.pi * np.arange(32) / 32
-        return list(np.stack([cx + s * np.cos(t), cy + s * np.sin(t)], 1).ravel())
-    if shape == 1:
-        return [cx - s, cy - s, cx + s, cy - s, cx + s, cy + s, cx - s, cy + s]
-    return [cx, cy - s, cx + s, cy + s, cx - s, cy + s]
+    """Shape index 0/1/2 (circle/square/triangle) -> the Shapes-GRES polygon."""
+    return shapes.polygon(shapes.SHAPES[shape], cx, cy, s)
 
 
 def generate(n_images: int, seed: int) -> tuple[list[dict], list[dict], list[list[tuple]]]:

@@ -18,11 +18,12 @@ import pyarrow.compute as pc
 from pipeline import metrics
 from pipeline.metrics_cases import CaseBook, decision_label
 from pipeline.metrics_masks import Masks, enclosing_boxes
+from pipeline.parquet import PATH_COLUMN
 from pipeline.schemas import RLE_TYPE, STATUS_OK
 
 KEY_SEPARATOR = "\x1f"
 GT_COLUMNS = ["image_id", "split", "dataset", "expressions"]
-SOURCE_COLUMN = "path"  # added by pipeline.parquet.read_parquet(include_paths=True)
+SOURCE_COLUMN = PATH_COLUMN  # added by pipeline.parquet.read_parquet(include_paths=True)
 PREDICTION_REQUIRED = ["expression_id", "dataset", "rejected", "mask", "status"]
 PREDICTION_OPTIONAL = ["image_id", "split", "text", "forced_mask", "model", "mode"]
 EXAMPLES_KEPT = 5  # unmatched prediction keys quoted in the report

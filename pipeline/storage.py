@@ -51,6 +51,11 @@ def join(uri: str, *parts: str) -> str:
     return os.path.join(uri, *parts)
 
 
+def absolute(uri: str) -> str:
+    """A local relative path made absolute (Ray workers run in other working directories); URIs unchanged."""
+    return os.path.abspath(uri) if "://" not in uri else uri
+
+
 def is_local(uri: str) -> bool:
     return protocol_of(uri) in ("file", "local")
 

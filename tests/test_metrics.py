@@ -12,6 +12,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline import masks, metrics, metrics_blocks, metrics_masks, scoring
+from pipeline.formats import shapes
 from pipeline.metrics_reference import reference_score
 from pipeline.schemas import PREDICTION_SCHEMA, TASK_SCHEMA
 
@@ -180,12 +181,8 @@ def test_stats_merge_in_any_order():
 # ---- builders of real task shards / predictions, shared with the job tests ----
 
 def _poly(shape: int, cx: float, cy: float, s: float) -> list[float]:
-    if shape == 0:
-        t = 2 * np.pi * np.arange(32) / 32
-        return list(np.stack([cx + s * np.cos(t), cy + s * np.sin(t)], 1).ravel())
-    if shape == 1:
-        return [cx - s, cy - s, cx + s, cy - s, cx + s, cy + s, cx - s, cy + s]
-    return [cx, cy - s, cx + s, cy + s, cx - s, cy + s]
+    """Shape index 0/1/2 (circle/square/triangle) -> the Shapes-GRES polygon."""
+    return shapes.polygon(shapes.SHAPES[shape], cx, cy, s)
 
 
 def synthetic(n_images: int, seed: int = 0, forced: bool = True, dataset: str = "shapes",

@@ -22,9 +22,8 @@ from typing import Any
 
 import fsspec
 
+from pipeline.parquet import PARQUET_SUFFIX, list_parquet
 from pipeline.storage import StorageOptions, filesystem
-
-PARQUET_SUFFIX = ".parquet"
 
 
 @dataclass(frozen=True)
@@ -45,15 +44,15 @@ def list_inputs(input_uri: str, options: StorageOptions) -> list[InputFile]:
     if fs.isfile(root):
         name = posixpath.basename(root)
         return [InputFile(input_uri, root, _key(name))]
-    if not fs.isdir(root):
-        raise FileNotFoundError(f"--input {input_uri} does not exist")
-    paths = sorted(p for p in fs.find(root) if p.endswith(PARQUET_SUFFIX)
-                   and not any(part.startswith(("_", ".")) for part in posixpath.relpath(p, root).split("/")))
+    try:
+        uris = list_parquet(input_uri, options)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"--input {exc}") from None
+    prefix = input_uri.rstrip("/") + "/"
     files = []
-    for path in paths:
-        rel = posixpath.relpath(path, root)
-        uri = input_uri.rstrip("/") + "/" + rel
-        files.append(InputFile(uri, path, _key(rel)))
+    for uri in uris:
+        rel = uri[len(prefix):]
+        files.append(InputFile(uri, posixpath.join(root, rel), _key(rel)))
     keys = [f.key for f in files]
     if len(set(keys)) != len(keys):  # only possible with names that already contain "__"
         raise ValueError(f"input files under {input_uri} map to clashing output names; rename them")

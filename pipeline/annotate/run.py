@@ -21,7 +21,7 @@ from pipeline.annotate.layout import OutputLayout, completed, list_inputs
 from pipeline.annotate.model import ModelLoadError, ModelSpec, PredictStage
 from pipeline.annotate.plan import plan_run
 from pipeline.annotate.sink import PredictionSink
-from pipeline.storage import check_access
+from pipeline.storage import absolute, check_access
 
 
 @dataclass
@@ -119,9 +119,6 @@ def run(config: AnnotateConfig, predict_cls: type = PredictStage) -> RunSummary:
 
 def with_absolute_paths(config: AnnotateConfig) -> AnnotateConfig:
     """Local relative paths made absolute on the driver: Ray workers run in another working directory."""
-    def absolute(uri: str) -> str:
-        return os.path.abspath(uri) if "://" not in uri else uri
-
     checkpoint = config.checkpoint
     if "://" not in checkpoint and (os.path.exists(checkpoint) or os.sep in checkpoint):
         checkpoint = os.path.abspath(checkpoint)  # a preset name stays a name

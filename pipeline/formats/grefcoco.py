@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.formats.coco import index_instances, is_int, normalise_ref, read_json, refs_to_items
-from pipeline.formats.items import ImageItem, SkipReport, SourceError, to_task_rows
+from pipeline.formats.items import ImageItem, SkipReport, SourceError, read_task_rows_with
 from pipeline.storage import StorageOptions, join
 
 DATASET = "grefcoco"
@@ -70,6 +70,4 @@ def read_items(root: str, *, images_root: str | None = None, dataset: str = DATA
 
 def read_task_rows(root: str, **kwargs: Any) -> list[dict[str, Any]]:
     """Serial convenience: the task rows of a (small) gRefCOCO-format dataset, images referenced."""
-    skips = kwargs.pop("skips", None)
-    skips = skips if skips is not None else SkipReport()
-    return to_task_rows(read_items(root, skips=skips, **kwargs), skips)
+    return read_task_rows_with(read_items, root, **kwargs)

@@ -18,6 +18,7 @@ import logging
 import os
 import posixpath
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -151,3 +152,12 @@ def to_task_rows(items: list[ImageItem], skips: SkipReport | None = None) -> lis
     """Serial `to_task_row` over items (images referenced, not read): for small data and tests."""
     rows = (to_task_row(item, None, skips) for item in items)
     return [row for row in rows if row is not None]
+
+
+def read_task_rows_with(read_items: Callable[..., list[ImageItem]], source: str,
+                        **kwargs: Any) -> list[dict[str, Any]]:
+    """Serial convenience behind every reader's `read_task_rows`: `read_items(source, ...)` -> task rows
+    (images referenced, not opened), one SkipReport shared by both steps."""
+    skips = kwargs.pop("skips", None)
+    skips = skips if skips is not None else SkipReport()
+    return to_task_rows(read_items(source, skips=skips, **kwargs), skips)

@@ -21,8 +21,8 @@ from pipeline.formats.items import (
     SkipReport,
     SourceError,
     has_scheme,
+    read_task_rows_with,
     resolve_within,
-    to_task_rows,
 )
 from pipeline.storage import StorageOptions, filesystem
 
@@ -126,6 +126,4 @@ def read_items(uri: str, *, storage: StorageOptions | None = None,
 
 def read_task_rows(uri: str, **kwargs: Any) -> list[dict[str, Any]]:
     """Serial convenience: the task rows of a manifest, images referenced and not opened."""
-    skips = kwargs.pop("skips", None)
-    skips = skips if skips is not None else SkipReport()
-    return to_task_rows(read_items(uri, skips=skips, **kwargs), skips)
+    return read_task_rows_with(read_items, uri, **kwargs)

@@ -13,7 +13,7 @@ import pickle
 from typing import Any
 
 from pipeline.formats.coco import index_instances, is_int, normalise_ref, read_json, refs_to_items
-from pipeline.formats.items import ImageItem, SkipReport, SourceError, to_task_rows
+from pipeline.formats.items import ImageItem, SkipReport, SourceError, read_task_rows_with
 from pipeline.storage import StorageOptions, filesystem, join
 
 #: dataset name -> (default split-by, the split-bys the dataset is released with)
@@ -108,6 +108,4 @@ def read_items(root: str, *, dataset: str = "refcoco", split_by: str | None = No
 
 def read_task_rows(root: str, **kwargs: Any) -> list[dict[str, Any]]:
     """Serial convenience: the task rows of a (small) RefCOCO-family dataset, images referenced."""
-    skips = kwargs.pop("skips", None)
-    skips = skips if skips is not None else SkipReport()
-    return to_task_rows(read_items(root, skips=skips, **kwargs), skips)
+    return read_task_rows_with(read_items, root, **kwargs)

@@ -43,6 +43,18 @@ CATEGORY_ID = {c["name"]: c["id"] for c in CATEGORIES}
 _IMAGE_STREAM, _SPLIT_STREAM = 1, 2  # keeps the per-image and split random streams apart
 
 
+def polygon(shape: str, cx: float, cy: float, s: float) -> list[float]:
+    """The outline of a `shape` of size `s` centred on (cx, cy) as one flat COCO polygon [x0, y0, ...]."""
+    if shape == "circle":
+        pts = [(cx + s * math.cos(2 * math.pi * k / CIRCLE_POINTS),
+                cy + s * math.sin(2 * math.pi * k / CIRCLE_POINTS)) for k in range(CIRCLE_POINTS)]
+    elif shape == "square":
+        pts = [(cx - s, cy - s), (cx + s, cy - s), (cx + s, cy + s), (cx - s, cy + s)]
+    else:
+        pts = [(cx, cy - s), (cx + s, cy + s), (cx - s, cy + s)]
+    return [float(v) for p in pts for v in p]
+
+
 @dataclass(frozen=True)
 class ShapeObject:
     shape: str
@@ -53,15 +65,7 @@ class ShapeObject:
 
     def polygon(self) -> list[float]:
         """The object's outline as one flat COCO polygon [x0, y0, x1, y1, ...]."""
-        s, cx, cy = self.size, self.cx, self.cy
-        if self.shape == "circle":
-            pts = [(cx + s * math.cos(2 * math.pi * k / CIRCLE_POINTS),
-                    cy + s * math.sin(2 * math.pi * k / CIRCLE_POINTS)) for k in range(CIRCLE_POINTS)]
-        elif self.shape == "square":
-            pts = [(cx - s, cy - s), (cx + s, cy - s), (cx + s, cy + s), (cx - s, cy + s)]
-        else:
-            pts = [(cx, cy - s), (cx + s, cy + s), (cx - s, cy + s)]
-        return [float(v) for p in pts for v in p]
+        return polygon(self.shape, self.cx, self.cy, self.size)
 
     def box(self) -> tuple[int, int, int, int]:
         return self.cx - self.size, self.cy - self.size, self.cx + self.size, self.cy + self.size

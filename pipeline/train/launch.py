@@ -20,7 +20,7 @@ import posixpath
 from dataclasses import dataclass, replace
 from typing import Any
 
-from pipeline.storage import StorageOptions, is_local, join, protocol_of
+from pipeline.storage import StorageOptions, absolute, is_local, join, protocol_of
 from pipeline.train.config import INGEST_CPUS, TrainConfig, TrainConfigError
 
 #: Ray Train's checkpoint-manager snapshot in a run folder (ray.train.v2 constants); its presence, or a
@@ -162,13 +162,13 @@ def export(cfg: TrainConfig, checkpoint_dir: str) -> None:
 def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """Local relative paths made absolute on the driver: Ray Train runs each worker in its own directory, so a
     relative --output would put the training curve (written by the worker) somewhere under Ray's session."""
-    def absolute(uri: str | None) -> str | None:
-        return os.path.abspath(uri) if uri and "://" not in uri else uri
+    def maybe(uri: str | None) -> str | None:
+        return absolute(uri) if uri else uri
 
-    init = replace(cfg.init, checkpoint=absolute(cfg.init.checkpoint), llava=absolute(cfg.init.llava),
-                   clip=absolute(cfg.init.clip), sam=absolute(cfg.init.sam))
-    return replace(cfg, data=absolute(cfg.data), output=absolute(cfg.output), val_data=absolute(cfg.val_data),
-                   export=absolute(cfg.export), init=init)
+    init = replace(cfg.init, checkpoint=maybe(cfg.init.checkpoint), llava=maybe(cfg.init.llava),
+                   clip=maybe(cfg.init.clip), sam=maybe(cfg.init.sam))
+    return replace(cfg, data=absolute(cfg.data), output=absolute(cfg.output), val_data=maybe(cfg.val_data),
+                   export=maybe(cfg.export), init=init)
 
 
 def run(cfg: TrainConfig) -> TrainResult:

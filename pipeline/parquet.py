@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
+from pipeline.schemas import missing_columns
 from pipeline.storage import StorageError, StorageOptions, describe_error, filesystem
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ def list_parquet(uri: str, storage: StorageOptions | None = None) -> list[str]:
 
 
 def _read_files(batch: pa.Table, storage: StorageOptions | None, columns: list[str] | None,
-                include_paths: bool) -> Iterator[pa.Table]:
+                include_paths: bool, schema: pa.Schema | None) -> Iterator[pa.Table]:
     """map_batches function: file URIs -> their rows, one row group per output block."""
     import pyarrow.parquet as pq
 
@@ -53,24 +54,32 @@ def _read_files(batch: pa.Table, storage: StorageOptions | None, columns: list[s
         fs, path = filesystem(uri, storage)
         with fs.open(path, "rb") as f:
             parquet = pq.ParquetFile(f)
+            if schema is not None:
+                missing = missing_columns(parquet.schema_arrow, schema)
+                if missing:
+                    raise ValueError(f"{uri} lacks the column(s) {missing} of the expected schema")
             names = columns or parquet.schema_arrow.names
             groups = range(parquet.num_row_groups)
             tables = (parquet.read_row_group(g, columns=names) for g in groups) if len(groups) else \
                 iter([parquet.schema_arrow.empty_table().select(names)])
             for table in tables:
+                if schema is not None:
+                    table = table.cast(schema)
                 if include_paths:
                     table = table.append_column(PATH_COLUMN, pa.array([path] * table.num_rows, pa.string()))
                 yield table
 
 
 def read_parquet(uris: list[str], storage: StorageOptions | None = None, columns: list[str] | None = None,
-                 include_paths: bool = False) -> ray.data.Dataset:
+                 include_paths: bool = False, schema: pa.Schema | None = None) -> ray.data.Dataset:
     """The rows of these Parquet files (local, file:// or s3://) as a lazy Dataset; `columns` are read alone,
-    `include_paths` adds each row's file path as a `path` column."""
+    `include_paths` adds each row's file path as a `path` column. With `schema` (the read columns' fields),
+    a file lacking any of its columns is an error and every block is cast to it."""
     import ray.data
 
     if not uris:
         raise ValueError("no Parquet files to read")
     listing = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=len(uris))
     return listing.map_batches(_read_files, batch_size=1, batch_format="pyarrow", num_cpus=READ_TASK_CPUS,
-                               fn_kwargs={"storage": storage, "columns": columns, "include_paths": include_paths})
+                               fn_kwargs={"storage": storage, "columns": columns, "include_paths": include_paths,
+                                          "schema": schema})

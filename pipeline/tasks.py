@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import posixpath
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from pipeline.schemas import TASK_SCHEMA, missing_columns
+from pipeline.parquet import read_parquet
+from pipeline.schemas import TASK_SCHEMA
 from pipeline.storage import StorageError, StorageOptions, describe_error, filesystem, join
 
 if TYPE_CHECKING:
@@ -24,9 +25,6 @@ SHARD_SUFFIX = ".parquet"
 SUMMARY_FILE = "_prepare.json"
 _SHARD_RE = re.compile(r"^(?P<split>[A-Za-z0-9_+.-]+)-(?P<index>\d{5})\.parquet$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_+.-]")
-#: CPUs reserved per shard-reading task: reading is I/O-bound, and whole cores would let a model stage's
-#: actors starve the reads on a small cluster.
-READ_TASK_CPUS = 0.25
 #: Image-level columns copied onto every exploded expression row.
 IMAGE_FIELDS = ("image_id", "image", "image_uri", "width", "height", "split", "dataset")
 
@@ -53,35 +51,15 @@ def list_shards(uri: str, storage: StorageOptions | None = None) -> list[str]:
     return [join(uri, n) for _, n in shards]
 
 
-def _read_shards(batch: pa.Table, storage: StorageOptions | None,
-                 columns: list[str] | None) -> Iterator[pa.Table]:
-    """Ray map_batches function: shard URIs -> their rows, one row group at a time (streaming)."""
-    import pyarrow.parquet as pq
-
-    names = columns or TASK_SCHEMA.names
-    schema = pa.schema([TASK_SCHEMA.field(n) for n in names])
-    for uri in batch.column("uri").to_pylist():
-        fs, path = filesystem(uri, storage)
-        with fs.open(path, "rb") as f:
-            shard = pq.ParquetFile(f)
-            missing = missing_columns(shard.schema_arrow, schema)
-            if missing:
-                raise ValueError(f"{uri} is not a task shard: missing column(s) {missing}")
-            for group in range(shard.num_row_groups):
-                yield shard.read_row_group(group, columns=names).cast(schema)
-
-
 def read_tasks(uri: str, storage: StorageOptions | None = None, splits: Iterable[str] | None = None,
                columns: list[str] | None = None) -> ray.data.Dataset:
     """The task shards in folder `uri` (local, file:// or s3://) as a lazy Ray Dataset, one row per image.
 
     `splits` keeps only those splits' shard files (chosen by name, nothing is read); `columns` reads only
-    those TASK_SCHEMA columns (e.g. without `image`). One read task per shard file streams its row groups:
-    Ray 2.60's own `read_parquet` first starts 32 footer-reading actors per read, which costs tens of
-    seconds on a small machine. Raises ValueError when nothing matches or a column is unknown.
+    those TASK_SCHEMA columns (e.g. without `image`). One read task per shard file streams its row groups
+    (`pipeline.parquet.read_parquet`), cast to TASK_SCHEMA; a file lacking a column fails its read task.
+    Raises ValueError when nothing matches or a column is unknown.
     """
-    import ray.data
-
     unknown = [c for c in columns or [] if c not in TASK_SCHEMA.names]
     if unknown:
         raise ValueError(f"unknown task column(s) {unknown}; task shards have {TASK_SCHEMA.names}")
@@ -92,9 +70,8 @@ def read_tasks(uri: str, storage: StorageOptions | None = None, splits: Iterable
         which = f" of split(s) {sorted(wanted)}" if wanted is not None else ""
         raise ValueError(f"no task shards{which} ({{split}}-NNNNN{SHARD_SUFFIX}) in {uri}: "
                          "run `python -m jobs.prepare` first")
-    listing = ray.data.from_items([{"uri": f} for f in files], override_num_blocks=len(files))
-    return listing.map_batches(_read_shards, batch_size=1, batch_format="pyarrow", num_cpus=READ_TASK_CPUS,
-                               fn_kwargs={"storage": storage, "columns": columns})
+    names = columns or TASK_SCHEMA.names
+    return read_parquet(files, storage, columns=names, schema=pa.schema([TASK_SCHEMA.field(n) for n in names]))
 
 
 def explode_expressions(row: dict[str, Any]) -> list[dict[str, Any]]:

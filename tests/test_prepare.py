@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -94,6 +95,10 @@ def test_shapes_job_and_expression_rows(ray_local, tmp_path):
     assert len(val) == 2 and all(set(r) == {"image_id", "split"} and r["split"] == "val" for r in val)
     with pytest.raises(ValueError, match="no task shards of split"):
         read_tasks(str(out), splits={"testA"})
+    # A file named like a shard but without the task columns fails the read with a clear message.
+    pq.write_table(pa.table({"image_id": ["x"]}), out / "bad-00000.parquet")
+    with pytest.raises(Exception, match=r"bad-00000.parquet lacks the column\(s\)"):
+        read_tasks(str(out), splits={"bad"}).take_all()
 
 
 def test_invalid_arguments_are_refused(tmp_path, capsys):

@@ -152,7 +152,14 @@ def measuring_stage(memory_dir: Path) -> type:
     def init(self, spec):
         PredictStage.__init__(self, spec)
         self.stats = {"pid": os.getpid(), "ready_at": time.time(), "first_call": None, "last_end": None,
-                      "calls": 0, "busy_s": 0.0, "torch_threads": torch.get_num_threads()}
+                      "calls": 0, "busy_s": 0.0, "model_s": 0.0, "torch_threads": torch.get_num_threads()}
+
+    def call_model(self, images):
+        start = time.time()
+        try:
+            return PredictStage._call_model(self, images)
+        finally:
+            self.stats["model_s"] += time.time() - start
 
     def call(self, batch):
         import resource
@@ -168,7 +175,8 @@ def measuring_stage(memory_dir: Path) -> type:
         Path(memory_dir, f"{os.getpid()}.json").write_text(json.dumps(self.stats))
         return out
 
-    return type("MeasuredPredictStage", (PredictStage,), {"__init__": init, "__call__": call})
+    return type("MeasuredPredictStage", (PredictStage,), {"__init__": init, "__call__": call,
+                                                          "_call_model": call_model})
 
 
 def bench_job(checkpoint: str, rows: list[dict], batch: int, replicas: int, gpus: float, work: Path) -> dict:
@@ -207,12 +215,17 @@ def bench_job(checkpoint: str, rows: list[dict], batch: int, replicas: int, gpus
     n = summary.rows
     replicas_stats = [json.loads(f.read_text()) for f in memory_dir.glob("*.json")]
     first_call = min(r["first_call"] for r in replicas_stats)
+    model_s = sum(r["model_s"] for r in replicas_stats)
     return {"expressions": n, "replicas": replicas, "gpus_per_replica": gpus, "cpus_per_replica": cpus,
             "loop_torch_threads": torch.get_num_threads(), "loop_s": t_loop, "job_s": t_job,
             "loop_expr_per_s": n / t_loop, "job_expr_per_s": n / t_job, "ratio": t_loop / t_job,
             "replica_startup_s": first_call - start,
             "job_after_first_batch_expr_per_s": n / (end - first_call),
-            "ratio_after_startup": t_loop / (end - first_call), "replica_stats": replicas_stats}
+            "ratio_after_startup": t_loop / (end - first_call), "replica_stats": replicas_stats,
+            # where the time after start-up goes: the same model calls inside the replica(s) vs in the loop
+            # (CPU shared with Ray's processes slows them), and the rest (waiting on decode/write/scheduling)
+            "replica_model_s": model_s, "model_slowdown": model_s / replicas / t_loop,
+            "pipeline_gap_s": (end - first_call) - model_s / replicas}
 
 
 def markdown(res: dict) -> str:
@@ -246,6 +259,10 @@ def markdown(res: dict) -> str:
               f"{TARGETS['job_vs_loop']}x); from the first model batch on: {b3['job_after_first_batch_expr_per_s']:.2f}"
               f" expr/s = **{b3['ratio_after_startup']:.2f}x**. Torch threads: loop {b3['loop_torch_threads']}, "
               f"replicas {[m['torch_threads'] for m in b3['replica_stats']]}.", "",
+              f"Where the time after start-up goes: the replica's model calls took {b3['replica_model_s']:.1f} s, "
+              f"the same calls in the loop {b3['loop_s']:.1f} s (**{b3['model_slowdown']:.2f}x** slower inside the "
+              f"job, sharing the CPU with Ray's driver, decode and write processes); the replica waited "
+              f"{b3['pipeline_gap_s']:.1f} s for input or output.", "",
               "Peak memory per replica: " + ", ".join(
                   f"{m['max_rss_mb']:.0f} MB RSS" + (f", {m['cuda_peak_mb']:.0f} MB CUDA" if m["cuda_peak_mb"] else "")
                   for m in b3["replica_stats"])]
@@ -261,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=16, help="images for benchmarks 1 and 2")
     ap.add_argument("--naive-free-images", type=int, default=4,
                     help="images for the (slow) naive free-generation baseline")
-    ap.add_argument("--job-images", type=int, default=250, help="images for benchmark 3")
+    ap.add_argument("--job-images", type=int, default=1000,
+                    help="images for benchmark 3 (4 expressions each; large enough to amortise the start-up)")
     ap.add_argument("--batch", type=int, default=8, help="images per predict call / model batch")
     ap.add_argument("--replicas", type=int, default=1)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -169,3 +169,14 @@ def test_files_are_grefcoco_format_and_read_back_through_the_grefcoco_reader(tmp
             assert (masks.decode(e["gt_mask"]) == expected).all()
     again = shapes.generate_image(3, SEED)
     assert (tmp_path / "images" / "shapes_000003.png").read_bytes() == again["png"]
+
+
+def test_every_sentence_names_its_template(generated):
+    from pipeline.formats.shapes_text import TEMPLATES, template_of
+
+    seen = Counter(template_of(s.text) for gen in generated for s in gen["sentences"])
+    assert set(seen) == set(TEMPLATES)
+    assert template_of("the leftmost circle") == "the leftmost/rightmost {shape}"
+    assert template_of("all red shapes") == "all {color} shapes"
+    with pytest.raises(ValueError, match="not a Shapes-GRES sentence"):
+        template_of("the cat on the mat")

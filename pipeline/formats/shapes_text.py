@@ -75,6 +75,24 @@ def realisable(objects: list[tuple[str, str, int]]) -> dict[str, list[Sentence]]
     return out
 
 
+TEMPLATES: tuple[str, ...] = ("the {color} {shape}", "the leftmost/rightmost {shape}", "all {color} shapes",
+                              "all {shape}s", "the {color1} {shape1} and the {color2} {shape2}")
+
+
+def template_of(text: str) -> str:
+    """The spec-table template a Shapes-GRES sentence was made from (for per-template error analysis)."""
+    words = text.split()
+    if " and " in text:
+        return TEMPLATES[4]
+    if words[:1] == ["all"]:
+        return TEMPLATES[2] if words[-1] == "shapes" else TEMPLATES[3]
+    if len(words) > 1 and words[1] in ("leftmost", "rightmost"):
+        return TEMPLATES[1]
+    if len(words) == 3 and words[1] in COLORS and words[2] in SHAPES:
+        return TEMPLATES[0]
+    raise ValueError(f"not a Shapes-GRES sentence: {text!r}")
+
+
 def draw_expressions(options: dict[str, list[Sentence]], rng: np.random.Generator,
                      count: int = EXPRESSIONS_PER_IMAGE) -> list[Sentence]:
     """`count` independent draws: a kind by KIND_PROBS, then a sentence of it not yet drawn (uniform).

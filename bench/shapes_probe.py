@@ -1,0 +1,217 @@
+"""Where a Shapes-GRES model's masks go wrong: two probes behind the README's "what limits it".
+
+    python bench/shapes_probe.py diagnose --checkpoint checkpoints/shapes-gres --data data/shapes4k/tasks
+    python bench/shapes_probe.py oracle --data data/shapes4k/tasks --steps 600
+
+``diagnose``: teacher-forced masks of a checkpoint on the val split, IoU per Shapes-GRES template, and how
+alike the masks of DIFFERENT expressions of one image are (mean pairwise IoU) next to the same figure for
+the ground truth. Masks much more alike than the ground truth's mean the mask prompt carries little of
+its own expression.
+
+``oracle``: the preset's SAM (image encoder, prompt encoder, mask decoder: built as in training) trained
+alone, its sparse prompt a bag-of-words embedding of the expression instead of the LLM's ``[SEG]`` hidden
+state; same samples, loss, optimiser and schedule as the train job. It shows how fast the mask side
+learns when the prompt is perfectly informative: the ceiling the LLM's prompt is compared with.
+Results: printed and written to ``--out`` (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from gsva.builder import build_sam  # noqa: E402
+from gsva.config import preset  # noqa: E402
+from gsva.losses import LossConfig, bce_per_mask, dice_per_mask  # noqa: E402
+from gsva.predictor import GSVAPredictor  # noqa: E402
+from gsva.transforms import masks_to_original, prepare_images  # noqa: E402
+from pipeline.formats.shapes_text import template_of  # noqa: E402
+from pipeline.storage import filesystem  # noqa: E402
+from pipeline.tasks import list_shards, parse_shard_name  # noqa: E402
+from pipeline.train.data import DecodeRow, draw_samples, gt_masks, labelled  # noqa: E402
+
+
+def load_split(data: str, split: str, limit: int | None = None) -> list[dict]:
+    """Decoded task rows of one split, in order (small splits: read on the driver, no Ray needed)."""
+    decode, rows = DecodeRow(), []
+    for uri in list_shards(data):
+        if (parse_shard_name(uri) or ("", 0))[0] != split:
+            continue
+        fs, path = filesystem(uri)
+        with fs.open(path, "rb") as f:
+            rows += [decode(r) for r in pq.read_table(f).to_pylist()]
+        if limit and len(rows) >= limit:
+            break
+    rows = [r for r in rows[:limit] if not r["error"]]
+    if not rows:
+        raise SystemExit(f"no decodable {split} images in {data}")
+    return rows
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = (a | b).sum()
+    return float((a & b).sum() / union) if union else 1.0
+
+
+def pairwise(masks: list[np.ndarray]) -> list[float]:
+    return [iou(masks[i], masks[j]) for i in range(len(masks)) for j in range(i + 1, len(masks))]
+
+
+def diagnose(args) -> dict:
+    p = GSVAPredictor.from_checkpoint(args.checkpoint, device="cpu")
+    by_template: dict[str, list[float]] = {}
+    alike_pred, alike_gt = [], []
+    for r in load_split(args.data, "val", args.images):
+        exprs = labelled(r["expressions"])
+        gts = gt_masks(r["pixels"], exprs, r["image_id"])
+        out = p.predict([r["pixels"]], [[e["text"] for e in exprs]], mode="teacher-forced",
+                        no_target=[[bool(e["no_target"]) for e in exprs]])[0]
+        preds, targets = [], []
+        for e, gt, res in zip(exprs, gts, out):
+            if e["no_target"]:
+                continue
+            pred = np.asarray(res.forced_mask, dtype=bool)
+            by_template.setdefault(template_of(e["text"]), []).append(iou(pred, gt))
+            preds.append(pred)
+            targets.append(gt)
+        alike_pred += pairwise(preds)
+        alike_gt += pairwise(targets)
+    return {"checkpoint": args.checkpoint, "images": args.images,
+            "iou_by_template": {k: {"n": len(v), "mean_iou": round(float(np.mean(v)), 3)}
+                                for k, v in sorted(by_template.items())},
+            "pairwise_iou_between_expressions": {"predicted": round(float(np.mean(alike_pred)), 3),
+                                                 "ground_truth": round(float(np.mean(alike_gt)), 3)}}
+
+
+class BagOfWords(nn.Module):
+    """Expression -> one prompt vector: sum of word + position embeddings, then an MLP (the oracle prompt)."""
+
+    def __init__(self, dim: int, max_words: int = 16, width: int = 128):
+        super().__init__()
+        self.vocab: dict[str, int] = {}
+        self.words = nn.Embedding(64, width)
+        self.positions = nn.Embedding(max_words, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.ReLU(), nn.Linear(2 * width, dim))
+
+    def forward(self, texts: list[str]) -> torch.Tensor:
+        out = []
+        for text in texts:
+            ids = torch.tensor([self.vocab.setdefault(w, len(self.vocab)) for w in text.split()])
+            out.append((self.words(ids) + self.positions(torch.arange(len(ids)))).sum(0))
+        return self.mlp(torch.stack(out))
+
+
+def oracle_masks(sam, prompt: BagOfWords, embedding: torch.Tensor, texts: list[str]) -> torch.Tensor:
+    """(M, L, L) low-res mask logits of one image's expressions, prompted by the oracle."""
+    _, dense = sam.prompt_encoder(points=None, boxes=None, masks=None)
+    masks, _ = sam.mask_decoder(image_embeddings=embedding[None], image_pe=sam.prompt_encoder.get_dense_pe(),
+                                sparse_prompt_embeddings=prompt(texts)[:, None], dense_prompt_embeddings=dense,
+                                multimask_output=False)
+    return masks[:, 0]
+
+
+def oracle(args) -> dict:
+    torch.manual_seed(0)
+    cfg = preset(args.preset)
+    sam, prompt = build_sam(cfg.sam), BagOfWords(cfg.sam.prompt_dim)
+    params = [p for p in [*sam.parameters(), *prompt.parameters()] if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    loss_cfg, rng, rows = LossConfig(), random.Random(0), load_split(args.data, "train")
+    history, window, start = [], [], time.time()
+    step = 0
+    while step < args.steps:
+        rng.shuffle(rows)
+        for i in range(0, len(rows) - args.batch_size + 1, args.batch_size):
+            if step >= args.steps:
+                break
+            samples = [draw_samples(r["pixels"], labelled(r["expressions"]), r["image_id"], 3, rng)[0]
+                       for r in rows[i:i + args.batch_size]]
+            for group in opt.param_groups:  # the train job's schedule: 100 warm-up steps, linear decay
+                group["lr"] = args.lr * min(1.0, (step + 1) / 100) * (1 - step / args.steps)
+            prepared = prepare_images([s.image for s in samples], cfg)
+            embeddings = sam.image_encoder(prepared.sam_pixels)
+            bce, dice, n = 0.0, 0.0, 0
+            for j, s in enumerate(samples):
+                keep = [(t, m) for t, m in zip(s.names, s.masks) if m.any()]
+                if not keep:
+                    continue
+                low = oracle_masks(sam, prompt, embeddings[j], [t for t, _ in keep])
+                for (_, m), logits in zip(keep, low):
+                    pred = masks_to_original(logits[None], prepared.resized[j], prepared.original[j],
+                                             cfg.sam.image_size)[0]
+                    target = torch.from_numpy(m.astype(np.float32))
+                    bce = bce + bce_per_mask(pred, target)
+                    dice = dice + dice_per_mask(pred, target, loss_cfg.dice_scale, loss_cfg.eps)
+                    n += 1
+            loss = (loss_cfg.bce_weight * bce + loss_cfg.dice_weight * dice) / max(n, 1)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            window.append([float(torch.as_tensor(x).detach()) / max(n, 1) for x in (bce, dice)])
+            step += 1
+            if step % 50 == 0:
+                b, d = np.mean(window, axis=0)
+                history.append({"step": step, "bce": round(float(b), 4), "dice": round(float(d), 4),
+                                "elapsed_s": round(time.time() - start, 1)})
+                print(json.dumps(history[-1]), flush=True)
+                window = []
+    sam.eval()
+    by_template: dict[str, list[float]] = {}
+    with torch.no_grad():
+        for r in load_split(args.data, "val", args.images):
+            exprs = [e for e in labelled(r["expressions"]) if not e["no_target"]]
+            if not exprs:
+                continue
+            prepared = prepare_images([r["pixels"]], cfg)
+            low = oracle_masks(sam, prompt, sam.image_encoder(prepared.sam_pixels)[0], [e["text"] for e in exprs])
+            for e, gt, logits in zip(exprs, gt_masks(r["pixels"], exprs, r["image_id"]), low):
+                pred = masks_to_original(logits[None], prepared.resized[0], prepared.original[0],
+                                         cfg.sam.image_size)[0] > 0
+                by_template.setdefault(template_of(e["text"]), []).append(iou(pred.numpy(), gt))
+    return {"preset": args.preset, "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size,
+            "history": history, "images": args.images,
+            "iou_by_template": {k: {"n": len(v), "mean_iou": round(float(np.mean(v)), 3)}
+                                for k, v in sorted(by_template.items())}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="probe", required=True)
+    d = sub.add_parser("diagnose")
+    d.add_argument("--checkpoint", default=str(REPO / "checkpoints" / "shapes-gres"))
+    o = sub.add_parser("oracle")
+    o.add_argument("--preset", default="shapes")
+    o.add_argument("--steps", type=int, default=600)
+    o.add_argument("--lr", type=float, default=3e-4)
+    o.add_argument("--batch-size", type=int, default=8)
+    for p in (d, o):
+        p.add_argument("--data", required=True, help="Shapes-GRES task shards (jobs.prepare --format shapes)")
+        p.add_argument("--images", type=int, default=150, help="val images scored")
+        p.add_argument("--threads", type=int, default=2)
+        p.add_argument("--out", help="JSON file for the result")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    result = diagnose(args) if args.probe == "diagnose" else oracle(args)
+    print(json.dumps(result["iou_by_template"] | {k: v for k, v in result.items() if k.startswith("pairwise")},
+                     indent=1))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

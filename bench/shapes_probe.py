@@ -40,7 +40,9 @@ from gsva.transforms import masks_to_original, prepare_images  # noqa: E402
 from pipeline.formats.shapes_text import template_of  # noqa: E402
 from pipeline.storage import filesystem  # noqa: E402
 from pipeline.tasks import list_shards, parse_shard_name  # noqa: E402
+from pipeline.train.config import OptimConfig  # noqa: E402
 from pipeline.train.data import DecodeRow, draw_samples, gt_masks, labelled  # noqa: E402
+from pipeline.train.optim import build_optimizer, set_lr  # noqa: E402
 
 
 def load_split(data: str, split: str, limit: int | None = None) -> list[dict]:
@@ -127,7 +129,8 @@ def oracle(args) -> dict:
     cfg = preset(args.preset)
     sam, prompt = build_sam(cfg.sam), BagOfWords(cfg.sam.prompt_dim)
     params = [p for p in [*sam.parameters(), *prompt.parameters()] if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    optim_cfg = OptimConfig(lr=args.lr)  # the train job's recipe: AdamW, warm-up, linear decay, clip
+    opt = build_optimizer(params, optim_cfg)
     loss_cfg, rng, rows = LossConfig(), random.Random(0), load_split(args.data, "train")
     history, window, start = [], [], time.time()
     step = 0
@@ -138,11 +141,10 @@ def oracle(args) -> dict:
                 break
             samples = [draw_samples(r["pixels"], labelled(r["expressions"]), r["image_id"], 3, rng)[0]
                        for r in rows[i:i + args.batch_size]]
-            for group in opt.param_groups:  # the train job's schedule: 100 warm-up steps, linear decay
-                group["lr"] = args.lr * min(1.0, (step + 1) / 100) * (1 - step / args.steps)
+            set_lr(opt, optim_cfg, step, args.steps)
             prepared = prepare_images([s.image for s in samples], cfg)
             embeddings = sam.image_encoder(prepared.sam_pixels)
-            bce, dice, n = 0.0, 0.0, 0
+            bce, dice, n = torch.zeros(()), torch.zeros(()), 0
             for j, s in enumerate(samples):
                 keep = [(t, m) for t, m in zip(s.names, s.masks) if m.any()]
                 if not keep:
@@ -157,10 +159,10 @@ def oracle(args) -> dict:
                     n += 1
             loss = (loss_cfg.bce_weight * bce + loss_cfg.dice_weight * dice) / max(n, 1)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            torch.nn.utils.clip_grad_norm_(params, optim_cfg.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            window.append([float(torch.as_tensor(x).detach()) / max(n, 1) for x in (bce, dice)])
+            window.append([float(x.detach()) / max(n, 1) for x in (bce, dice)])
             step += 1
             if step % 50 == 0:
                 b, d = np.mean(window, axis=0)

@@ -8,6 +8,14 @@ alike the masks of DIFFERENT expressions of one image are (mean pairwise IoU) ne
 the ground truth. Masks much more alike than the ground truth's mean the mask prompt carries little of
 its own expression.
 
+It also asks what the mask prompts KNOW (``prompt_content``): the ``text_hidden_fcs`` output at each
+``[SEG]`` (teacher-forced, the evaluation conversation) is classified by nearest centroid (centroids from
+half the expressions, accuracy on the other half) into the expression's template, colour and shape. A
+prompt that names its template but not its colour or shape cannot pick one object out of several.
+``scales`` compares magnitudes the two towers meet at: projected image tokens vs the LLM's token
+embeddings, and the mask prompts vs SAM's own prompt/output tokens (``--checkpoint shapes`` measures a
+fresh random init).
+
 ``oracle``: the preset's SAM (image encoder, prompt encoder, mask decoder: built as in training) trained
 alone, its sparse prompt a bag-of-words embedding of the expression instead of the LLM's ``[SEG]`` hidden
 state; same samples, loss, optimiser and schedule as the train job. It shows how fast the mask side
@@ -32,9 +40,11 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from gsva import prompts  # noqa: E402
 from gsva.builder import build_sam  # noqa: E402
 from gsva.config import preset  # noqa: E402
 from gsva.losses import LossConfig, bce_per_mask, dice_per_mask  # noqa: E402
+from gsva.modeling import positions_from_mask, seg_prompt_positions  # noqa: E402
 from gsva.predictor import GSVAPredictor  # noqa: E402
 from gsva.transforms import masks_to_original, prepare_images  # noqa: E402
 from pipeline.formats.shapes_text import template_of  # noqa: E402
@@ -71,11 +81,84 @@ def pairwise(masks: list[np.ndarray]) -> list[float]:
     return [iou(masks[i], masks[j]) for i in range(len(masks)) for j in range(i + 1, len(masks))]
 
 
+COLORS, SHAPES = ("red", "green", "blue", "yellow"), ("circle", "square", "triangle")
+
+
+@torch.inference_mode()
+def seg_prompts(p: GSVAPredictor, image: np.ndarray, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(projected image tokens (P, H), mask prompts (M, D)) of one image's evaluation conversation, every
+    expression answered [SEG] (teacher-forced)."""
+    cfg, model = p.cfg, p.model
+    names = [prompts.clean_expression(n, cfg) for n in names]
+    prompt, answer = prompts.conversation(prompts.question_text(names),
+                                          prompts.answer_text(names, [False] * len(names), cfg), cfg)
+    batch = prompts.collate([prompts.encode(p.tokenizer, model.token_ids, prompt, answer,
+                                            cfg.vision.num_image_tokens)], model.token_ids.pad)
+    prepared = prepare_images([image], cfg)
+    tokens, _ = model.encode_images(prepared.clip_pixels, prepared.sam_pixels)
+    embeds = model.embed(batch.input_ids, tokens)
+    hidden, _, _ = model.language(embeds, batch.attention_mask, positions_from_mask(batch.attention_mask))
+    rows, cols = seg_prompt_positions(batch.input_ids, model.token_ids.seg)
+    return tokens[0], model.text_hidden_fcs(hidden[rows, cols])
+
+
+def nearest_centroid(x: np.ndarray, labels: list[str]) -> dict:
+    """Accuracy of a nearest-centroid classifier fitted on the first half, tested on the second (features
+    standardised on the first half); chance = 1 / number of classes."""
+    y, half = np.array(labels), len(labels) // 2
+    x = (x - x[:half].mean(0)) / (x[:half].std(0) + 1e-6)
+    classes = sorted(set(y[:half]))
+    centroids = np.stack([x[:half][y[:half] == c].mean(0) for c in classes])
+    pred = np.array(classes)[((x[half:, None] - centroids[None]) ** 2).sum(-1).argmin(1)]
+    return {"accuracy": round(float((pred == y[half:]).mean()), 3), "chance": round(1 / len(classes), 3),
+            "n_test": int(len(y) - half)}
+
+
+def content_labels(text: str) -> dict[str, str | None]:
+    """Template of a sentence, and its colour / shape where the template names exactly one of each."""
+    template, words = template_of(text), text.split()
+    one = template == "the {color} {shape}"
+    return {"template": template,
+            "colour": next((w for w in words if w in COLORS), None) if one or template == "all {color} shapes"
+            else None,
+            "shape": next((w for w in words if w in SHAPES), None) if one else None}
+
+
+def prompt_knowledge(p: GSVAPredictor, rows: list[dict]) -> dict:
+    """``prompt_content`` and ``scales`` (see the module docstring)."""
+    feats, labels, spread, norms, image_norms = [], [], [], [], []
+    for r in rows:
+        exprs = [e for e in labelled(r["expressions"]) if not e["no_target"]][: p.cfg.max_expressions_per_prompt]
+        if not exprs:
+            continue
+        tokens, prompt = seg_prompts(p, r["pixels"], [e["text"] for e in exprs])
+        image_norms.append(float(tokens.norm(dim=-1).mean()))
+        norms += prompt.norm(dim=-1).tolist()
+        if len(prompt) > 1:
+            spread.append(float((prompt - prompt.mean(0)).norm(dim=-1).mean() / prompt.norm(dim=-1).mean()))
+        feats.append(prompt.float().numpy())
+        labels += [content_labels(e["text"]) for e in exprs]
+    x = np.concatenate(feats)
+    content = {}
+    for key in ("template", "colour", "shape"):
+        keep = [i for i, lab in enumerate(labels) if lab[key] is not None]
+        content[key] = nearest_centroid(x[keep], [labels[i][key] for i in keep])
+    model = p.model
+    decoder = model.sam.mask_decoder
+    return {"prompt_content": content, "scales": {
+        "projected_image_token_norm": round(float(np.mean(image_norms)), 3),
+        "text_token_embedding_norm": round(float(model.language_model.embed_tokens.weight.norm(dim=-1).mean()), 3),
+        "mask_prompt_norm": round(float(np.mean(norms)), 3),
+        "sam_mask_token_norm": round(float(decoder.mask_tokens.weight.norm(dim=-1).mean()), 3),
+        "prompt_spread_within_conversation": round(float(np.mean(spread)), 3)}}
+
+
 def diagnose(args) -> dict:
     p = GSVAPredictor.from_checkpoint(args.checkpoint, device="cpu")
     by_template: dict[str, list[float]] = {}
     alike_pred, alike_gt = [], []
-    for r in load_split(args.data, "val", args.images):
+    rows = load_split(args.data, "val", args.images)
+    for r in rows:
         exprs = labelled(r["expressions"])
         gts = gt_masks(r["pixels"], exprs, r["image_id"])
         out = p.predict([r["pixels"]], [[e["text"] for e in exprs]], mode="teacher-forced",
@@ -94,7 +177,8 @@ def diagnose(args) -> dict:
             "iou_by_template": {k: {"n": len(v), "mean_iou": round(float(np.mean(v)), 3)}
                                 for k, v in sorted(by_template.items())},
             "pairwise_iou_between_expressions": {"predicted": round(float(np.mean(alike_pred)), 3),
-                                                 "ground_truth": round(float(np.mean(alike_gt)), 3)}}
+                                                 "ground_truth": round(float(np.mean(alike_gt)), 3)},
+            **prompt_knowledge(p, rows)}
 
 
 class BagOfWords(nn.Module):
@@ -207,8 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     result = diagnose(args) if args.probe == "diagnose" else oracle(args)
-    print(json.dumps(result["iou_by_template"] | {k: v for k, v in result.items() if k.startswith("pairwise")},
-                     indent=1))
+    shown = ("pairwise_iou_between_expressions", "prompt_content", "scales")
+    print(json.dumps(result["iou_by_template"] | {k: v for k, v in result.items() if k in shown}, indent=1))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))

@@ -47,7 +47,7 @@ from gsva.losses import LossConfig, bce_per_mask, dice_per_mask  # noqa: E402
 from gsva.modeling import positions_from_mask, seg_prompt_positions  # noqa: E402
 from gsva.predictor import GSVAPredictor  # noqa: E402
 from gsva.transforms import masks_to_original, prepare_images  # noqa: E402
-from pipeline.formats.shapes_text import template_of  # noqa: E402
+from pipeline.formats.shapes_text import COLORS, SHAPES, template_of  # noqa: E402
 from pipeline.storage import filesystem  # noqa: E402
 from pipeline.tasks import list_shards, parse_shard_name  # noqa: E402
 from pipeline.train.config import OptimConfig  # noqa: E402
@@ -79,9 +79,6 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 
 def pairwise(masks: list[np.ndarray]) -> list[float]:
     return [iou(masks[i], masks[j]) for i in range(len(masks)) for j in range(i + 1, len(masks))]
-
-
-COLORS, SHAPES = ("red", "green", "blue", "yellow"), ("circle", "square", "triangle")
 
 
 @torch.inference_mode()

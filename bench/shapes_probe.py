@@ -40,11 +40,10 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from gsva import prompts  # noqa: E402
+from gsva import decoding, prompts  # noqa: E402
 from gsva.builder import build_sam  # noqa: E402
 from gsva.config import preset  # noqa: E402
 from gsva.losses import LossConfig, bce_per_mask, dice_per_mask  # noqa: E402
-from gsva.modeling import positions_from_mask, seg_prompt_positions  # noqa: E402
 from gsva.predictor import GSVAPredictor  # noqa: E402
 from gsva.transforms import masks_to_original, prepare_images  # noqa: E402
 from pipeline.formats.shapes_text import COLORS, SHAPES, template_of  # noqa: E402
@@ -81,6 +80,11 @@ def pairwise(masks: list[np.ndarray]) -> list[float]:
     return [iou(masks[i], masks[j]) for i in range(len(masks)) for j in range(i + 1, len(masks))]
 
 
+def per_template(ious: dict[str, list[float]]) -> dict[str, dict]:
+    """{template: {n, mean_iou}} in template order, as both probes report it."""
+    return {k: {"n": len(v), "mean_iou": round(float(np.mean(v)), 3)} for k, v in sorted(ious.items())}
+
+
 @torch.inference_mode()
 def seg_prompts(p: GSVAPredictor, image: np.ndarray, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """(projected image tokens (P, H), mask prompts (M, D)) of one image's evaluation conversation, every
@@ -89,14 +93,11 @@ def seg_prompts(p: GSVAPredictor, image: np.ndarray, names: list[str]) -> tuple[
     names = [prompts.clean_expression(n, cfg) for n in names]
     prompt, answer = prompts.conversation(prompts.question_text(names),
                                           prompts.answer_text(names, [False] * len(names), cfg), cfg)
-    batch = prompts.collate([prompts.encode(p.tokenizer, model.token_ids, prompt, answer,
-                                            cfg.vision.num_image_tokens)], model.token_ids.pad)
+    encoded = prompts.encode(p.tokenizer, model.token_ids, prompt, answer, cfg.vision.num_image_tokens)
     prepared = prepare_images([image], cfg)
     tokens, _ = model.encode_images(prepared.clip_pixels, prepared.sam_pixels)
-    embeds = model.embed(batch.input_ids, tokens)
-    hidden, _, _ = model.language(embeds, batch.attention_mask, positions_from_mask(batch.attention_mask))
-    rows, cols = seg_prompt_positions(batch.input_ids, model.token_ids.seg)
-    return tokens[0], model.text_hidden_fcs(hidden[rows, cols])
+    decoded, _ = decoding.teacher_forced(model, [encoded], tokens)
+    return tokens[0], model.text_hidden_fcs(torch.stack([slot.hidden for slot in decoded[0].slots]))
 
 
 def nearest_centroid(x: np.ndarray, labels: list[str]) -> dict:
@@ -170,9 +171,7 @@ def diagnose(args) -> dict:
             targets.append(gt)
         alike_pred += pairwise(preds)
         alike_gt += pairwise(targets)
-    return {"checkpoint": args.checkpoint, "images": args.images,
-            "iou_by_template": {k: {"n": len(v), "mean_iou": round(float(np.mean(v)), 3)}
-                                for k, v in sorted(by_template.items())},
+    return {"checkpoint": args.checkpoint, "images": args.images, "iou_by_template": per_template(by_template),
             "pairwise_iou_between_expressions": {"predicted": round(float(np.mean(alike_pred)), 3),
                                                  "ground_truth": round(float(np.mean(alike_gt)), 3)},
             **prompt_knowledge(p, rows)}
@@ -265,9 +264,7 @@ def oracle(args) -> dict:
                                          cfg.sam.image_size)[0] > 0
                 by_template.setdefault(template_of(e["text"]), []).append(iou(pred.numpy(), gt))
     return {"preset": args.preset, "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size,
-            "history": history, "images": args.images,
-            "iou_by_template": {k: {"n": len(v), "mean_iou": round(float(np.mean(v)), 3)}
-                                for k, v in sorted(by_template.items())}}
+            "history": history, "images": args.images, "iou_by_template": per_template(by_template)}
 
 
 def main(argv: list[str] | None = None) -> int:

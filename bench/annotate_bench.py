@@ -43,7 +43,7 @@ TARGETS = {"generate_vs_naive": 10.0, "generate_over_teacher_forced": 1.5, "job_
 
 def shapes_inputs(n: int, seed: int, folder: Path) -> list[dict]:
     """Shapes-GRES task rows (PNG bytes embedded) with exactly 4 expressions per image."""
-    from pipeline.formats import grefcoco, shapes
+    from pipeline.prepare.formats import grefcoco, shapes
 
     shapes.generate(str(folder), n * 2, seed)  # some images draw fewer than 4 expressions: keep the full ones
     rows = [r for r in grefcoco.read_task_rows(str(folder)) if len(r["expressions"]) == EXPRESSIONS_PER_IMAGE][:n]

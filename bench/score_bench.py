@@ -6,10 +6,10 @@ Generates task shards and predictions in the real Parquet schemas (Shapes-GRES g
 images, circles / squares / triangles of radius 8-18, 45 % single, 35 % multi, 20 % no-target
 expressions; predictions are jittered shapes with rejections, error rows and missing rows), then in one
 run times
-  - ours: `pipeline.scoring.score` on a local Ray cluster (Parquet read, join, RLE statistics, reduction),
+  - ours: `pipeline.score.graph.score` on a local Ray cluster (Parquet read, join, RLE statistics, reduction),
     the second of two runs on the same data: the first starts Ray's worker processes (its time, start-up
     included, is reported as `first_run_s`);
-  - the loop: read both sides with pyarrow, then `pipeline.metrics_reference.reference_score`, which
+  - the loop: read both sides with pyarrow, then `tests.metrics_reference.reference_score`, which
     decodes both masks of every expression to numpy and computes the IoU there;
 asserts that both give the same numbers, and writes bench/results/score.json plus a markdown line.
 It also writes the example report of the README (`jobs.score` on the first 200 images, rendered as
@@ -35,9 +35,9 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import masks  # noqa: E402
-from pipeline.formats import shapes  # noqa: E402
-from pipeline.metrics_reference import reference_score  # noqa: E402
+from pipeline.prepare.formats import shapes  # noqa: E402
 from pipeline.schemas import PREDICTION_SCHEMA, TASK_SCHEMA  # noqa: E402
+from tests.metrics_reference import reference_score  # noqa: E402
 
 EXPRESSIONS_PER_IMAGE = 4
 KIND_P = (0.45, 0.35, 0.20)  # single, multi, no-target
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from jobs import score as score_job
-    from pipeline.scoring import ScoreConfig, score
+    from pipeline.score.graph import ScoreConfig, score
 
     with tempfile.TemporaryDirectory(prefix="score-bench-") as tmp:
         root, warm = Path(tmp) / "full", Path(tmp) / "warm"

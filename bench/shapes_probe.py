@@ -46,7 +46,7 @@ from gsva.config import preset  # noqa: E402
 from gsva.losses import LossConfig, bce_per_mask, dice_per_mask  # noqa: E402
 from gsva.predictor import GSVAPredictor  # noqa: E402
 from gsva.transforms import masks_to_original, prepare_images  # noqa: E402
-from pipeline.formats.shapes_text import COLORS, SHAPES, template_of  # noqa: E402
+from pipeline.prepare.formats.shapes_text import COLORS, SHAPES, template_of  # noqa: E402
 from pipeline.storage import filesystem  # noqa: E402
 from pipeline.tasks import list_shards, parse_shard_name  # noqa: E402
 from pipeline.train.config import OptimConfig  # noqa: E402

@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.formats.items import SkipReport
-from pipeline.formats.sources import FORMATS, SourceConfig
 from pipeline.images import DEFAULT_MAX_PIXELS, ImageLimits
-from pipeline.prepare import DEFAULT_ROWS_PER_FILE, PrepareConfig
+from pipeline.prepare.formats.items import SkipReport
+from pipeline.prepare.formats.sources import FORMATS, SourceConfig
+from pipeline.prepare.graph import DEFAULT_ROWS_PER_FILE, PrepareConfig
 from pipeline.storage import StorageError, StorageOptions, join
 
 #: Where Shapes-GRES's raw gRefCOCO-format files go when --root is not given: beside the shards.
@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
 
-    from pipeline import prepare
-    from pipeline.formats.sources import load_items
+    from pipeline.prepare.formats.sources import load_items
+    from pipeline.prepare import graph as prepare
     from pipeline.ray_runtime import ensure_ray
     from pipeline.storage import check_access
 

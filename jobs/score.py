@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.metrics import PROTOCOLS
+from pipeline.score.metrics import PROTOCOLS
 from pipeline.storage import StorageError, StorageOptions, check_access
 
 
@@ -31,8 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from pipeline.report import percent, write_report
-    from pipeline.scoring import ScoreConfig, check_inputs, score
+    from pipeline.score.graph import ScoreConfig, check_inputs, score
+    from pipeline.score.report import percent, write_report
 
     try:
         cfg = ScoreConfig(predictions=args.predictions, ground_truth=args.ground_truth, protocol=args.protocol,

@@ -30,7 +30,7 @@ TEST_SCHEDULING = Scheduling(min_replicas=1, max_replicas=1, cpus_per_replica=0.
 
 def shapes_rows(root: Path, images: int, seed: int = 0) -> list[dict[str, Any]]:
     """Shapes-GRES task rows (images embedded as PNG bytes), generated once per root."""
-    from pipeline.formats import grefcoco, shapes
+    from pipeline.prepare.formats import grefcoco, shapes
 
     if not (root / "instances.json").exists():
         shapes.generate(str(root), images, seed)

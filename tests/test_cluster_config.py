@@ -20,7 +20,7 @@ from ray._private.label_utils import validate_node_label_syntax
 from ray.autoscaler._private.providers import _NODE_PROVIDERS
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from pipeline import sizing
+from pipeline.cluster import sizing
 
 CLUSTER_YAML = Path(__file__).resolve().parents[1] / "cluster.yaml"
 WORKLOAD_LABEL = "gsva/workload"

@@ -7,8 +7,8 @@ import pyarrow as pa
 import pytest
 
 from pipeline import masks
-from pipeline.formats import grefcoco
-from pipeline.formats.items import SkipReport, SourceError, resolve_within
+from pipeline.prepare.formats import grefcoco
+from pipeline.prepare.formats.items import SkipReport, SourceError, resolve_within
 from pipeline.schemas import TASK_SCHEMA
 from tests import coco_samples as cs
 
@@ -109,7 +109,7 @@ def test_paths_inside_the_root_resolve():
 
 
 def test_an_annotation_that_cannot_be_rasterised_fails_only_its_expression():
-    from pipeline.formats.items import to_task_row
+    from pipeline.prepare.formats.items import to_task_row
 
     wrong_size = masks.encode(np.ones((5, 5), bool))  # reaches a worker only if indexing was bypassed
     item = {"image_id": "1", "image_uri": "x.png", "width": 4, "height": 4, "split": "val", "dataset": "d",

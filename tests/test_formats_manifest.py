@@ -6,8 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.formats import manifest
-from pipeline.formats.items import SkipReport, SourceError
+from pipeline.prepare.formats import manifest
+from pipeline.prepare.formats.items import SkipReport, SourceError
 from pipeline.schemas import TASK_SCHEMA
 
 RECORDS = [

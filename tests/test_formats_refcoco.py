@@ -6,8 +6,8 @@ import pickle
 import pytest
 
 from pipeline import masks
-from pipeline.formats import refcoco
-from pipeline.formats.items import SkipReport, SourceError
+from pipeline.prepare.formats import refcoco
+from pipeline.prepare.formats.items import SkipReport, SourceError
 from tests import coco_samples as cs
 
 

@@ -11,10 +11,14 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline import masks, metrics, metrics_blocks, metrics_masks, scoring
-from pipeline.formats import shapes
-from pipeline.metrics_reference import reference_score
+from pipeline import masks
+from pipeline.prepare.formats import shapes
 from pipeline.schemas import PREDICTION_SCHEMA, TASK_SCHEMA
+from pipeline.score import blocks as metrics_blocks
+from pipeline.score import graph as scoring
+from pipeline.score import masks as metrics_masks
+from pipeline.score import metrics
+from tests.metrics_reference import reference_score
 
 H = W = 10
 

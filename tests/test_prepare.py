@@ -10,8 +10,8 @@ from PIL import Image
 
 from jobs.prepare import main
 from pipeline import masks
-from pipeline.formats import grefcoco
 from pipeline.images import decode_image
+from pipeline.prepare.formats import grefcoco
 from pipeline.schemas import TASK_SCHEMA
 from pipeline.tasks import SUMMARY_FILE, explode_expressions, list_shards, read_tasks
 from tests import coco_samples as cs
@@ -117,7 +117,7 @@ def test_invalid_arguments_are_refused(tmp_path, capsys):
 
 
 def test_shard_plan_and_names(tmp_path):
-    from pipeline.prepare import PrepareConfig, plan_shards
+    from pipeline.prepare.graph import PrepareConfig, plan_shards
     from pipeline.tasks import parse_shard_name, shard_name
 
     assert shard_name("testA", 3) == "testA-00003.parquet" and shard_name("a/b", 0) == "a_b-00000.parquet"

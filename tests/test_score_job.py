@@ -1,6 +1,6 @@
 """The score job end to end on real local Ray: local files, the loopback S3 server, the report, compare mode.
 
-The numbers are checked against the straightforward dense evaluator (pipeline/metrics_reference.py).
+The numbers are checked against the straightforward dense evaluator (tests/metrics_reference.py).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import pytest
 
 from jobs import score as score_job
 from pipeline import storage
-from pipeline.metrics import METRIC_KEYS
-from pipeline.metrics_reference import reference_score
 from pipeline.schemas import PREDICTION_SCHEMA, TASK_SCHEMA
+from pipeline.score.metrics import METRIC_KEYS
+from tests.metrics_reference import reference_score
 from tests.test_metrics import assert_same, exploded, synthetic
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from pipeline import masks
-from pipeline.formats import grefcoco, shapes
-from pipeline.formats.items import SkipReport
-from pipeline.formats.shapes_text import COLORS, KIND_PROBS, KINDS, SHAPES, Sentence, draw_expressions
+from pipeline.prepare.formats import grefcoco, shapes
+from pipeline.prepare.formats.items import SkipReport
+from pipeline.prepare.formats.shapes_text import COLORS, KIND_PROBS, KINDS, SHAPES, Sentence, draw_expressions
 
 SEED = 7
 
@@ -114,7 +114,7 @@ def test_kind_draws_follow_the_spec_probabilities(generated):
     for kind, p in zip(KINDS, KIND_PROBS):
         assert abs(drawn[kind] / 8000 - p) < 0.02
     # On real images, where no kind runs out within 4 draws, the realised kinds follow the same law.
-    from pipeline.formats.shapes_text import realisable
+    from pipeline.prepare.formats.shapes_text import realisable
 
     kinds = Counter()
     for gen in generated:
@@ -172,7 +172,7 @@ def test_files_are_grefcoco_format_and_read_back_through_the_grefcoco_reader(tmp
 
 
 def test_every_sentence_names_its_template(generated):
-    from pipeline.formats.shapes_text import TEMPLATES, template_of
+    from pipeline.prepare.formats.shapes_text import TEMPLATES, template_of
 
     seen = Counter(template_of(s.text) for gen in generated for s in gen["sentences"])
     assert set(seen) == set(TEMPLATES)

@@ -16,7 +16,7 @@ from gsva.tokens import build_builtin_tokenizer
 from gsva.training import make_batch, training_loss
 from jobs.train import build_config, build_parser
 from pipeline import masks as rle
-from pipeline.metrics import ScoreStats, score_expressions
+from pipeline.score.metrics import ScoreStats, score_expressions
 from pipeline.train import parallel, state
 from pipeline.train.config import InitSpec, OptimConfig, ScalingSpec, TrainConfig, TrainConfigError
 from pipeline.train.curve import render

@@ -1,4 +1,4 @@
-"""Validation during training: the real predictor (generate mode) on the val split, scored by pipeline.metrics.
+"""Validation during training: the real predictor (generate mode) on the val split, scored by pipeline.score.metrics.
 
 Each worker predicts its share of the validation shard with ``GSVAPredictor`` exactly as annotation does
 (forced-answer decoding, masks at original size), scores it with the scoring code's per-expression
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from pipeline import masks as rle
-from pipeline.metrics import ExpressionInputs, ScoreStats, score_expressions
+from pipeline.score.metrics import ExpressionInputs, ScoreStats, score_expressions
 from pipeline.train.data import labelled
 
 PROTOCOL = "rela"
@@ -49,7 +49,7 @@ def expression_inputs(rows: list[tuple[list[dict[str, Any]], list[Any]]]) -> Exp
     """Ground truth + predictor results of several images -> the scoring code's input block."""
     import pyarrow as pa
 
-    from pipeline.metrics_masks import BOXES_TYPE, Masks, enclosing_boxes
+    from pipeline.score.masks import BOXES_TYPE, Masks, enclosing_boxes
 
     exprs = [e for es, _ in rows for e in es]
     results = [r for _, rs in rows for r in rs]

@@ -3,7 +3,7 @@
 Ground truth (task shards, one row per image) and predictions (one row per expression) become rows of one
 KEYED_SCHEMA, hashed on (dataset, expression_id) into buckets. `score_bucket` receives every row of a
 bucket, joins them locally, scores each labelled expression from its RLEs and returns partial sums
-(`ScoreStats` per group, `InputCounts`, `CaseBook`) as JSON rows, which `pipeline.scoring` adds up.
+(`ScoreStats` per group, `InputCounts`, `CaseBook`) as JSON rows, which `pipeline.score.graph` adds up.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import metrics
-from pipeline.metrics_cases import CaseBook, decision_label
-from pipeline.metrics_masks import Masks, enclosing_boxes
 from pipeline.parquet import PATH_COLUMN
 from pipeline.schemas import RLE_TYPE, STATUS_OK
+from pipeline.score import metrics
+from pipeline.score.cases import CaseBook, decision_label
+from pipeline.score.masks import Masks, enclosing_boxes
 
 KEY_SEPARATOR = "\x1f"
 GT_COLUMNS = ["image_id", "split", "dataset", "expressions"]

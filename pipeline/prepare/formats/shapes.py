@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from pipeline import masks
-from pipeline.formats import grefcoco
-from pipeline.formats.shapes_text import COLORS, SHAPES, draw_expressions, realisable
+from pipeline.prepare.formats import grefcoco
+from pipeline.prepare.formats.shapes_text import COLORS, SHAPES, draw_expressions, realisable
 from pipeline.storage import StorageOptions, filesystem, join
 
 DATASET = "shapes-gres"

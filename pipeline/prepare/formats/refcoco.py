@@ -12,8 +12,8 @@ import io
 import pickle
 from typing import Any
 
-from pipeline.formats.coco import index_instances, is_int, normalise_ref, read_json, refs_to_items
-from pipeline.formats.items import ImageItem, SkipReport, SourceError, read_task_rows_with
+from pipeline.prepare.formats.coco import index_instances, is_int, normalise_ref, read_json, refs_to_items
+from pipeline.prepare.formats.items import ImageItem, SkipReport, SourceError, read_task_rows_with
 from pipeline.storage import StorageOptions, filesystem, join
 
 #: dataset name -> (default split-by, the split-bys the dataset is released with)

@@ -17,8 +17,8 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pipeline.formats.items import ImageItem, SkipReport, to_task_row
 from pipeline.images import ImageError, ImageLimits, decode_image, image_exists, read_image_bytes
+from pipeline.prepare.formats.items import ImageItem, SkipReport, to_task_row
 from pipeline.schemas import TASK_SCHEMA
 from pipeline.storage import StorageOptions, filesystem, is_local, join
 from pipeline.tasks import SUMMARY_FILE, list_shards, parse_shard_name, shard_name

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
-from pipeline.metrics_masks import Masks, intersections
+from pipeline.score.masks import Masks, intersections
 
 PROTOCOLS = ("rela", "gsva")
 PR_THRESHOLDS = (0.7, 0.8, 0.9)

@@ -12,9 +12,10 @@ import textwrap
 
 import numpy as np
 
-from pipeline import masks, metrics
-from pipeline.metrics_cases import KINDS, CaseBook
-from pipeline.scoring import ScoreConfig
+from pipeline import masks
+from pipeline.score import metrics
+from pipeline.score.cases import KINDS, CaseBook
+from pipeline.score.graph import ScoreConfig
 from pipeline.storage import filesystem
 
 BAR_KEYS = ("giou", "ciou", "n_acc", "t_acc", "miou", "rec_acc@0.5")

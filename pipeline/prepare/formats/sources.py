@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.formats import grefcoco, manifest, refcoco, shapes
-from pipeline.formats.items import ImageItem, SkipReport
+from pipeline.prepare.formats import grefcoco, manifest, refcoco, shapes
+from pipeline.prepare.formats.items import ImageItem, SkipReport
 from pipeline.storage import StorageOptions, join
 
 FORMATS = ("grefcoco", "refcoco", "refcoco+", "refcocog", "manifest", "shapes")

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.formats.items import ImageItem, SkipReport, SourceError, resolve_within
+from pipeline.prepare.formats.items import ImageItem, SkipReport, SourceError, resolve_within
 from pipeline.storage import StorageOptions, filesystem
 
 

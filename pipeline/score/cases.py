@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from pipeline.metrics import ExpressionScores
+from pipeline.score.metrics import ExpressionScores
 
 KINDS = ("best", "worst", "rejected")
 DEFAULT_PER_KIND = 4

@@ -2,7 +2,7 @@
 the comparison with an earlier metrics.json.
 
 metrics.json = {"protocol", "inputs", "model", "overall": {...}, "splits": {NAME: {...}}}, each {...}
-holding `pipeline.metrics.METRIC_KEYS` (fractions in [0, 1], null where undefined, `count`, `errors`).
+holding `pipeline.score.metrics.METRIC_KEYS` (fractions in [0, 1], null where undefined, `count`, `errors`).
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import json
 import posixpath
 from dataclasses import dataclass
 
-from pipeline import metrics
-from pipeline.scoring import ScoreConfig, ScoreResult
+from pipeline.score import metrics
+from pipeline.score.graph import ScoreConfig, ScoreResult
 from pipeline.storage import StorageOptions, filesystem, is_local
 
 LABELS = {"giou": "gIoU", "ciou": "cIoU", "n_acc": "N-acc", "t_acc": "T-acc", "pr@0.7": "Pr@0.7",
@@ -118,7 +118,7 @@ def read_json(uri: str, storage: StorageOptions) -> dict:
 
 def write_report(cfg: ScoreConfig, result: ScoreResult, out: str, baseline: str | None = None) -> dict:
     """Write metrics.json, metrics.md and the PNGs under `out`; return the document (and comparison lines)."""
-    from pipeline import report_plots
+    from pipeline.score import plots as report_plots
 
     doc = metrics_document(cfg, result)
     comparison = compare(doc, read_json(baseline, cfg.storage)) if baseline else None

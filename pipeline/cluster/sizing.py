@@ -126,7 +126,7 @@ INSTANCES: dict[str, Instance] = {
 def instance(name: str) -> Instance:
     """The catalogue entry for an EC2 instance type, with a clear error for one it does not know."""
     if name not in INSTANCES:
-        raise KeyError(f"instance type {name!r} is not in pipeline.sizing.INSTANCES ({', '.join(INSTANCES)}): "
+        raise KeyError(f"instance type {name!r} is not in pipeline.cluster.sizing.INSTANCES ({', '.join(INSTANCES)}): "
                        "add its vCPUs, memory and GPUs there before using it in cluster.yaml")
     return INSTANCES[name]
 
@@ -294,7 +294,7 @@ def shape_from_preset(name: str) -> ModelShape:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m pipeline.sizing [PRESET ...]`: print the README's sizing tables (estimates)."""
+    """`python -m pipeline.cluster.sizing [PRESET ...]`: print the README's sizing tables (estimates)."""
     names = (argv if argv is not None else sys.argv[1:]) or ["gsva-7b", "gsva-13b"]
     shapes = [shape_from_preset(n) for n in names]
     gpu_nodes = [i for i in INSTANCES.values() if i.gpu is not None]

@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from pipeline import metrics
-from pipeline.metrics_blocks import (
+from pipeline.parquet import READ_TASK_CPUS
+from pipeline.score import metrics
+from pipeline.score.blocks import (
     GT_COLUMNS,
     PREDICTION_OPTIONAL,
     PREDICTION_REQUIRED,
@@ -25,8 +26,7 @@ from pipeline.metrics_blocks import (
     key_predictions,
     score_bucket,
 )
-from pipeline.metrics_cases import CaseBook
-from pipeline.parquet import READ_TASK_CPUS
+from pipeline.score.cases import CaseBook
 from pipeline.storage import StorageOptions, filesystem
 
 GROUP_COLUMNS = ("split", "dataset")

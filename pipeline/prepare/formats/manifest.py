@@ -16,7 +16,7 @@ import os
 import posixpath
 from typing import Any
 
-from pipeline.formats.items import (
+from pipeline.prepare.formats.items import (
     ImageItem,
     SkipReport,
     SourceError,

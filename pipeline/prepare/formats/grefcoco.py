@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.formats.coco import index_instances, is_int, normalise_ref, read_json, refs_to_items
-from pipeline.formats.items import ImageItem, SkipReport, SourceError, read_task_rows_with
+from pipeline.prepare.formats.coco import index_instances, is_int, normalise_ref, read_json, refs_to_items
+from pipeline.prepare.formats.items import ImageItem, SkipReport, SourceError, read_task_rows_with
 from pipeline.storage import StorageOptions, join
 
 DATASET = "grefcoco"

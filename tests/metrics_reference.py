@@ -1,7 +1,7 @@
 """The straightforward scorer: one expression at a time, both masks decoded to dense arrays.
 
 It restates the public evaluators (ReLA `ReferEvaluator`, GSVA `eval_gres`) line by line on numpy masks,
-independently of `pipeline.metrics`. It is the yardstick of the benchmark (bench/score_bench.py) and the
+independently of `pipeline.score.metrics`. It is the yardstick of the benchmark (bench/score_bench.py) and the
 cross-check of the fast RLE path in the tests; production scoring never uses it.
 """
 
@@ -12,8 +12,8 @@ from collections import defaultdict
 import numpy as np
 
 from pipeline import masks
-from pipeline.metrics import PR_THRESHOLDS, REC_IOU_THRESHOLD
 from pipeline.schemas import STATUS_OK
+from pipeline.score.metrics import PR_THRESHOLDS, REC_IOU_THRESHOLD
 
 
 def _tight_box(m: np.ndarray) -> list[float] | None:

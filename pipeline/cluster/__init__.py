@@ -1,0 +1,1 @@
+"""Cluster planning: per-node sizing estimates for the model presets (checked against cluster.yaml)."""

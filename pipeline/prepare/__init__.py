@@ -1,0 +1,1 @@
+"""The prepare job: source formats (`formats/`) -> task shards, as a Ray Data graph (`graph`)."""

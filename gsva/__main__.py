@@ -12,29 +12,12 @@ import argparse
 import json
 import sys
 
+from gsva.meta import load_config
+from gsva.storage import StorageOptions
+
 PARTS = ("llm", "vision_tower", "projector", "sam_image_encoder", "sam_prompt_encoder", "sam_mask_decoder",
          "text_hidden_fcs")
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-def load_config(uri_or_preset: str, storage=None):
-    """A preset's config, or the config.json of a checkpoint at any URI (weights are not read)."""
-    from gsva.checkpoint import CONFIG_FILE, FORMAT
-    from gsva.config import PRESETS, GSVAConfig
-
-    if uri_or_preset in PRESETS:
-        return PRESETS[uri_or_preset]
-    from pipeline.storage import filesystem, join
-
-    fs, path = filesystem(join(uri_or_preset, CONFIG_FILE), storage)
-    if not fs.exists(path):
-        raise FileNotFoundError(f"{uri_or_preset!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a "
-                                f"checkpoint folder with {CONFIG_FILE}")
-    with fs.open(path, "r") as f:
-        meta = json.load(f)
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{uri_or_preset}: not a {FORMAT} checkpoint")
-    return GSVAConfig.from_dict(meta["config"])
 
 
 def parameter_counts(cfg) -> dict[str, int]:
@@ -82,8 +65,6 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--output", required=True, help="checkpoint URI to write")
     c.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="storage dtype of the weights")
     args = parser.parse_args(argv)
-
-    from pipeline.storage import StorageOptions
 
     storage = StorageOptions(s3_endpoint=args.s3_endpoint)
     if args.command == "describe":

@@ -1,4 +1,4 @@
-"""Our checkpoint format and weight I/O for any URI (local, s3://) through pipeline.storage / fsspec.
+"""Our checkpoint format and weight I/O for any URI (local, s3://) through fsspec (`gsva.storage`).
 
 A checkpoint is a folder: ``config.json`` (the full GSVAConfig, so every size and preprocessing constant,
 plus the weights' sha256 and dtype, and the LoRA adapter spec when saved un-merged), ``model.safetensors``
@@ -19,25 +19,26 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+from accelerate import init_empty_weights
+from safetensors.torch import load_file, save_file
 
+from gsva.builder import build_model
 from gsva.config import PRESETS, GSVAConfig, LoRAConfig, preset
+from gsva.lora import apply_lora, has_lora, merged_state_dict
+from gsva.meta import CONFIG_FILE, FORMAT, VERSION, WEIGHTS_FILE, check_meta, checkpoint_identity, preset_identity
+from gsva.modeling import FLOAT32_BUFFERS
+from gsva.storage import StorageError, StorageOptions, describe_error, filesystem, is_local, local_path
 from gsva.tokens import TOKENIZER_FILE, Tokenizer, build_builtin_tokenizer, check_tokenizer
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-FORMAT = "gsva-pipeline-checkpoint"
-VERSION = 1
 HASH_CHUNK = 1 << 20
 
 
 # ------------------------------------------------------------------------------------------------ URIs
 @contextmanager
-def local_copy(uri: str, storage=None) -> Iterator[str]:
+def local_copy(uri: str, storage: StorageOptions | None = None) -> Iterator[str]:
     """A local path for ``uri`` (the path itself when local; else a streamed download to a temp dir)."""
-    from pipeline.storage import StorageError, describe_error, filesystem, is_local
-
     if is_local(uri):
-        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        path = local_path(uri)
         if not os.path.exists(path):
             raise FileNotFoundError(f"{uri} does not exist")
         yield path
@@ -52,9 +53,7 @@ def local_copy(uri: str, storage=None) -> Iterator[str]:
         yield target
 
 
-def _publish(local_dir: str, uri: str, storage=None) -> None:
-    from pipeline.storage import filesystem, is_local
-
+def _publish(local_dir: str, uri: str, storage: StorageOptions | None = None) -> None:
     if is_local(uri):
         return
     fs, path = filesystem(uri, storage)
@@ -87,8 +86,6 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
             state.update(read_state_dict(os.path.join(path, name)))
         return state
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
         return load_file(path)
     state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     if not isinstance(state, dict):
@@ -100,11 +97,6 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
 def empty_model(cfg: GSVAConfig, adapter: LoRAConfig | None = None) -> torch.nn.Module:
     """The model with parameters on the meta device (no memory, no init) and real buffers, ready for
     ``load_state_dict(assign=True)``."""
-    from accelerate import init_empty_weights
-
-    from gsva.builder import build_model
-    from gsva.freeze import apply_lora
-
     with init_empty_weights(include_buffers=False):
         model = build_model(cfg)
         if adapter is not None:
@@ -115,8 +107,6 @@ def empty_model(cfg: GSVAConfig, adapter: LoRAConfig | None = None) -> torch.nn.
 def assign_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype,
                    device: str | torch.device = "cpu") -> torch.nn.Module:
     """Put a complete state dict into an empty model (strict: every key, no extra ones)."""
-    from gsva.modeling import FLOAT32_BUFFERS
-
     state = {k: v.to(dtype=torch.float32 if k in FLOAT32_BUFFERS else dtype) if v.is_floating_point() else v
              for k, v in state.items()}
     result = model.load_state_dict(state, strict=False, assign=True)
@@ -128,27 +118,19 @@ def assign_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], dtype
 
 
 # ----------------------------------------------------------------------------------------- our format
-def save_checkpoint(model, tokenizer: Tokenizer, uri: str, storage=None, dtype: torch.dtype | None = None,
-                    merge: bool = True) -> str:
+def save_checkpoint(model, tokenizer: Tokenizer, uri: str, storage: StorageOptions | None = None,
+                    dtype: torch.dtype | None = None, merge: bool = True) -> str:
     """Write config.json + model.safetensors + tokenizer.json to ``uri``; returns the weights' sha256.
     LoRA layers are merged unless ``merge=False`` (then the adapter spec is saved and re-applied on load,
     e.g. to resume LoRA training)."""
-    from safetensors.torch import save_file
-
-    from gsva.freeze import has_lora, merged_state_dict
-
     cfg: GSVAConfig = model.cfg
     check_tokenizer(tokenizer, cfg)
     lora = has_lora(model)
     state = merged_state_dict(model, cfg.lora.scaling) if lora and merge else model.state_dict()
-    from gsva.modeling import FLOAT32_BUFFERS
-
     cast = {k: dtype is not None and v.is_floating_point() and k not in FLOAT32_BUFFERS for k, v in state.items()}
     state = {k: (v.to(dtype) if cast[k] else v).detach().cpu().contiguous() for k, v in state.items()}
-    from pipeline.storage import is_local
-
     local = is_local(uri)
-    target = (uri[len("file://"):] if uri.startswith("file://") else uri) if local else tempfile.mkdtemp(prefix="gsva-")
+    target = local_path(uri) if local else tempfile.mkdtemp(prefix="gsva-")
     try:
         os.makedirs(target, exist_ok=True)
         save_file(state, os.path.join(target, WEIGHTS_FILE))
@@ -167,23 +149,19 @@ def save_checkpoint(model, tokenizer: Tokenizer, uri: str, storage=None, dtype: 
     return digest
 
 
-def read_meta(directory: str) -> dict:
+def read_local_meta(directory: str) -> dict:
     path = os.path.join(directory, CONFIG_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{directory} is not a GSVA checkpoint: no {CONFIG_FILE}")
     with open(path) as f:
-        meta = json.load(f)
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a {FORMAT} config (format={meta.get('format')!r})")
-    return meta
+        return check_meta(json.load(f), path)
 
 
-def load_checkpoint(uri: str, storage=None, device: str = "cpu", dtype: torch.dtype | None = None):
+def load_checkpoint(uri: str, storage: StorageOptions | None = None, device: str = "cpu",
+                    dtype: torch.dtype | None = None):
     """-> (model, tokenizer, model_id) from a checkpoint folder at any URI."""
-    from safetensors.torch import load_file
-
     with local_copy(uri, storage) as directory:
-        meta = read_meta(directory)
+        meta = read_local_meta(directory)
         cfg = GSVAConfig.from_dict(meta["config"])
         adapter = LoRAConfig(**{**meta["adapter"], "targets": tuple(meta["adapter"]["targets"])}) \
             if meta.get("adapter") else None
@@ -191,19 +169,19 @@ def load_checkpoint(uri: str, storage=None, device: str = "cpu", dtype: torch.dt
         check_tokenizer(tokenizer, cfg)
         weights = os.path.join(directory, meta["weights"]["file"])
         model = assign_weights(empty_model(cfg, adapter), load_file(weights), dtype or torch.float32, device)
-        digest = meta["weights"].get("sha256") or sha256_file(weights)
-    return model, tokenizer, f"{cfg.name}@sha256:{digest[:16]}"
+        if not meta["weights"].get("sha256"):
+            meta["weights"]["sha256"] = sha256_file(weights)
+    return model, tokenizer, checkpoint_identity(meta)
 
 
-def load_model(uri_or_preset: str, storage=None, device: str = "cpu", dtype: torch.dtype | None = None):
+def load_model(uri_or_preset: str, storage: StorageOptions | None = None, device: str = "cpu",
+               dtype: torch.dtype | None = None):
     """A preset name (random init with the config's seed, built-in tokenizer) or a checkpoint URI."""
     if uri_or_preset in PRESETS:
-        from gsva.builder import build_model
-
         cfg = preset(uri_or_preset)
         if cfg.tokenizer != "builtin-bpe":
             raise ValueError(f"preset {cfg.name!r} needs pretrained weights and tokenizer: convert the official "
                              "release first (python -m gsva convert ...) and load that checkpoint")
         model = build_model(cfg).to(device=device, dtype=dtype or torch.float32).eval()
-        return model, build_builtin_tokenizer(cfg), f"preset:{cfg.name}@seed{cfg.seed}"
+        return model, build_builtin_tokenizer(cfg), preset_identity(cfg)
     return load_checkpoint(uri_or_preset, storage, device, dtype)

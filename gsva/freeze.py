@@ -10,26 +10,12 @@ Policies:
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from gsva.config import LoRAConfig
+from gsva.lora import apply_lora, has_lora
 
 POLICIES = ("lora", "llm", "all")
-ADAPTER = "default"  # peft's adapter name: keys ...q_proj.lora_A.default.weight
-
-
-def apply_lora(model: nn.Module, lora: LoRAConfig) -> None:
-    """Inject (un-merged) LoRA layers into the GSVA LLM's target projections, in place."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=list(lora.targets), bias="none")
-    inject_adapter_in_model(config, model.language_model, adapter_name=ADAPTER)
-
-
-def has_lora(model: nn.Module) -> bool:
-    return any("lora_A" in name for name, _ in model.named_parameters())
 
 
 def freeze(model: nn.Module, policy: str, lora: LoRAConfig | None = None) -> dict[str, int]:
@@ -57,10 +43,3 @@ def freeze(model: nn.Module, policy: str, lora: LoRAConfig | None = None) -> dic
 def count(model: nn.Module) -> dict[str, int]:
     params = list(model.parameters())
     return {"trainable": sum(p.numel() for p in params if p.requires_grad), "total": sum(p.numel() for p in params)}
-
-
-def merged_state_dict(model: nn.Module, scaling: float) -> dict[str, torch.Tensor]:
-    """The model's state dict with LoRA merged (W + scaling * B @ A) under the plain module names."""
-    from gsva.official import merge_lora
-
-    return merge_lora(model.state_dict(), scaling)

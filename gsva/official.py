@@ -17,6 +17,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gsva.checkpoint import assign_weights, empty_model, local_copy, read_state_dict
+from gsva.lora import merge_lora
+from gsva.tokens import add_gsva_tokens, check_tokenizer, load_pretrained_tokenizer
+
 PEFT_PREFIX = "base_model.model."
 LLM = "mllm.model.language_model."
 # source -> ((official prefix, our prefix), ...); the first matching prefix wins.
@@ -76,29 +80,6 @@ def map_key(source: str, key: str) -> str | None:
     return "?" + key  # unknown: reported as unexpected
 
 
-def merge_lora(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
-    """Merge every ``X.lora_A.<adapter>.weight`` / ``X.lora_B...`` pair into ``X.weight`` (base weight under
-    ``X.weight`` or ``X.base_layer.weight``): W + scaling * B @ A, computed in float32. Pure."""
-    out = dict(state)
-    for key in [k for k in state if ".lora_A." in k]:
-        module, rest = key.split(".lora_A.", 1)
-        b_key = f"{module}.lora_B.{rest}"
-        base_key = next((k for k in (f"{module}.base_layer.weight", f"{module}.weight") if k in state), None)
-        if base_key is None or b_key not in state:
-            raise KeyError(f"LoRA of {module}: missing {'lora_B' if base_key else 'base weight'}")
-        w = state[base_key]
-        delta = state[b_key].float() @ state[key].float()
-        if delta.shape != w.shape:
-            raise ValueError(f"LoRA of {module}: B @ A is {tuple(delta.shape)} but the weight is {tuple(w.shape)}")
-        out.pop(key)
-        out.pop(b_key)
-        out.pop(base_key)
-        out[f"{module}.weight"] = (w.float() + scaling * delta).to(w.dtype)
-    for key in [k for k in out if ".base_layer." in k]:
-        out[key.replace(".base_layer.", ".")] = out.pop(key)
-    return out
-
-
 def convert(sources: dict[str, dict[str, torch.Tensor]], expected: dict[str, torch.Size],
             scaling: float) -> tuple[dict[str, torch.Tensor], LoadReport]:
     """Official state dicts by source ("clip", "sam", "llava", "gsva"; any may be absent) -> our state dict
@@ -149,9 +130,6 @@ def load_official(cfg, gsva: str, llava: str, clip: str | None = None, sam: str 
     ``gsva``: the GSVA ``.bin``; ``llava``: the LLaVA model folder (weights + tokenizer); ``clip``: CLIP
     ViT-L/14 weights (file or folder); ``sam``: ``sam_vit_h_4b8939.pth``. Any URI. Fails on shape
     mismatches and on model weights that no source provides; ``report.unexpected`` is for the caller."""
-    from gsva.checkpoint import assign_weights, empty_model, local_copy, read_state_dict
-    from gsva.tokens import add_gsva_tokens, check_tokenizer, load_pretrained_tokenizer
-
     sources: dict[str, dict[str, torch.Tensor]] = {}
     for name, uri in (("gsva", gsva), ("llava", llava), ("clip", clip), ("sam", sam)):
         if uri is None:

@@ -24,9 +24,10 @@ import torch
 
 from gsva import prompts
 from gsva.answers import match_slots
+from gsva.checkpoint import load_model
 from gsva.decoding import Decoded, SlotChoice, forced_slots, free_greedy, teacher_forced
 from gsva.modeling import GSVA
-from gsva.tokens import Tokenizer
+from gsva.tokens import Tokenizer, check_tokenizer
 from gsva.transforms import masks_to_original, prepare_images
 
 MODES = ("generate", "teacher-forced")
@@ -54,8 +55,6 @@ class _Conv:
 
 class GSVAPredictor:
     def __init__(self, model: GSVA, tokenizer: Tokenizer, model_id: str):
-        from gsva.tokens import check_tokenizer
-
         check_tokenizer(tokenizer, model.cfg)
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -66,8 +65,6 @@ class GSVAPredictor:
     def from_checkpoint(cls, uri_or_preset: str, device: str = "cpu", storage=None,
                         dtype: torch.dtype | None = None) -> GSVAPredictor:
         """A preset name (random init, built-in tokenizer) or a checkpoint URI (gsva.checkpoint format)."""
-        from gsva.checkpoint import load_model
-
         model, tokenizer, model_id = load_model(uri_or_preset, storage=storage, device=device, dtype=dtype)
         return cls(model, tokenizer, model_id)
 

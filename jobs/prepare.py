@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
 
-    from pipeline.prepare.formats.sources import load_items
     from pipeline.prepare import graph as prepare
+    from pipeline.prepare.formats.sources import load_items
     from pipeline.ray_runtime import ensure_ray
     from pipeline.storage import check_access
 

@@ -14,7 +14,8 @@ from gsva.builder import build_model
 from gsva.checkpoint import load_checkpoint, save_checkpoint
 from gsva.config import preset
 from gsva.freeze import freeze
-from gsva.official import load_official, merge_lora
+from gsva.lora import merge_lora
+from gsva.official import load_official
 from gsva.predictor import GSVAPredictor
 from gsva.tokens import build_base_bpe, build_builtin_tokenizer
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import json
 import posixpath
 from pathlib import Path
 from typing import Any
 
+from gsva.config import PRESETS, preset
+from gsva.meta import checkpoint_identity as meta_identity
+from gsva.meta import preset_identity, read_meta
 from pipeline.annotate.config import AnnotateConfig
 from pipeline.annotate.layout import OutputLayout, read_json, write_json
 from pipeline.schemas import PREDICTION_SCHEMA
@@ -23,9 +25,6 @@ LAYOUT_VERSION = 1
 #: The sources whose code decides what a prediction row contains (the model, decoding, this job, formats).
 _CODE_PATHS = ("gsva", "pipeline/annotate", "pipeline/images.py", "pipeline/masks.py", "pipeline/schemas.py")
 _HASH_CHUNK = 1 << 20
-#: gsva.checkpoint's CONFIG_FILE and FORMAT, repeated so the driver never imports torch (seconds per job).
-#: Replicas compare their loaded model_id with this identity, so a drift fails loudly, never silently.
-CHECKPOINT_CONFIG, CHECKPOINT_FORMAT = "config.json", "gsva-pipeline-checkpoint"
 
 
 class FingerprintMismatch(RuntimeError):
@@ -39,22 +38,15 @@ def checkpoint_identity(checkpoint: str, storage: StorageOptions) -> str:
     "NAME@sha256:<16 hex of the weights' digest recorded in config.json>" (one small read, no download).
     Other weight files (no recorded digest) -> a digest of their names and sizes/ETags (or local contents).
     """
-    from gsva.config import PRESETS, preset
-
     fs, path = filesystem(checkpoint, storage)
     if not fs.exists(path):
         if checkpoint in PRESETS:
-            cfg = preset(checkpoint)
-            return f"preset:{cfg.name}@seed{cfg.seed}"
+            return preset_identity(preset(checkpoint))
         raise FileNotFoundError(f"checkpoint {checkpoint!r} is neither an existing file or folder nor a preset "
                                 f"({', '.join(sorted(PRESETS))})")
-    config_path = posixpath.join(path, CHECKPOINT_CONFIG)
-    if fs.isdir(path) and fs.exists(config_path):
-        with fs.open(config_path, "rb") as f:
-            meta = json.loads(f.read().decode("utf-8"))
-        digest = (meta.get("weights") or {}).get("sha256")
-        if meta.get("format") == CHECKPOINT_FORMAT and digest:
-            return f"{meta['config']['name']}@sha256:{digest[:16]}"
+    meta = read_meta(checkpoint, storage) if fs.isdir(path) else None
+    if meta is not None and (meta.get("weights") or {}).get("sha256"):
+        return meta_identity(meta)
     return _content_identity(fs, path, is_local(checkpoint))
 
 

@@ -85,7 +85,7 @@ def check_init(cfg: TrainConfig) -> None:
     init = cfg.init
     if init.checkpoint is None or init.official:
         return
-    from gsva.__main__ import load_config
+    from gsva.meta import load_config
 
     found = load_config(init.checkpoint, cfg.storage)
     if init.preset is not None and found.name != init.preset:

@@ -12,12 +12,12 @@ import argparse
 import json
 import sys
 
+from gsva.config import DTYPES
 from gsva.meta import load_config
 from gsva.storage import StorageOptions
 
 PARTS = ("llm", "vision_tower", "projector", "sam_image_encoder", "sam_prompt_encoder", "sam_mask_decoder",
          "text_hidden_fcs")
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def parameter_counts(cfg) -> dict[str, int]:

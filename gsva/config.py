@@ -21,6 +21,13 @@ CLIP_PIXEL_STD = (0.26862954, 0.26130258, 0.27577711)
 # The largest image accepted at the predictor boundary: PIL's decompression-bomb limit, so that a
 # hostile or corrupt array cannot make the mask post-processing allocate gigabytes per expression.
 MAX_IMAGE_PIXELS = 89_478_485
+# Prediction modes: "generate" (annotation: the model writes its answer) and "teacher-forced" (the official
+# GRES evaluation: one forward over the ground-truth answer).
+GENERATE, TEACHER_FORCED = "generate", "teacher-forced"
+MODES = (GENERATE, TEACHER_FORCED)
+# Trainable policies (gsva.freeze) and the dtypes weights are stored in; torch-free so configs can check them.
+POLICIES = ("lora", "llm", "all")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from gsva.config import LoRAConfig
+from gsva.config import POLICIES, LoRAConfig
 from gsva.lora import apply_lora, has_lora
-
-POLICIES = ("lora", "llm", "all")
 
 
 def freeze(model: nn.Module, policy: str, lora: LoRAConfig | None = None) -> dict[str, int]:

@@ -25,12 +25,12 @@ import torch
 from gsva import prompts
 from gsva.answers import match_slots
 from gsva.checkpoint import load_model
+from gsva.config import GENERATE, MODES, TEACHER_FORCED
 from gsva.decoding import Decoded, SlotChoice, forced_slots, free_greedy, teacher_forced
 from gsva.modeling import GSVA
 from gsva.tokens import Tokenizer, check_tokenizer
 from gsva.transforms import masks_to_original, prepare_images
 
-MODES = ("generate", "teacher-forced")
 DECODINGS = ("forced", "free")
 MASK_THRESHOLD = 0.0  # binarise logits at > 0
 
@@ -70,7 +70,7 @@ class GSVAPredictor:
 
     # ------------------------------------------------------------------------------------------------ API
     @torch.inference_mode()
-    def predict(self, images: list[np.ndarray], expressions: list[list[str]], mode: str = "generate",
+    def predict(self, images: list[np.ndarray], expressions: list[list[str]], mode: str = GENERATE,
                 no_target: list[list[bool]] | None = None, max_expressions_per_prompt: int | None = None,
                 decoding: str = "forced") -> list[list[ExpressionResult]]:
         k = max_expressions_per_prompt or self.cfg.max_expressions_per_prompt
@@ -88,7 +88,7 @@ class GSVAPredictor:
         tokens, embeddings = self.model.encode_images(prepared.clip_pixels[used].to(device),
                                                       prepared.sam_pixels[used].to(device))
         conv_tokens = tokens[[local[c.image] for c in convs]]
-        if mode == "teacher-forced":
+        if mode == TEACHER_FORCED:
             self._teacher_forced(convs, no_target, conv_tokens, embeddings, local, prepared, results)
         elif decoding == "forced":
             encoded = [self._encode(c, [False] * len(c.names)) for c in convs]
@@ -109,7 +109,7 @@ class GSVAPredictor:
             raise ValueError(f"{len(images)} images but {len(expressions)} expression lists")
         if k < 1:
             raise ValueError("max_expressions_per_prompt must be >= 1")
-        if mode == "teacher-forced":
+        if mode == TEACHER_FORCED:
             if no_target is None:
                 raise ValueError("teacher-forced mode needs the ground truth no_target flags")
             for i, (e, n) in enumerate(zip(expressions, no_target, strict=True)):

@@ -15,7 +15,6 @@ no hub access), saved with the checkpoint as ``tokenizer.json``.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -89,10 +88,6 @@ class Tokenizer:
     @classmethod
     def from_file(cls, path: str) -> Tokenizer:
         return cls(Backend.from_file(path))
-
-    @classmethod
-    def from_json(cls, text: str) -> Tokenizer:
-        return cls(Backend.from_str(text))
 
     def to_json(self) -> str:
         return self.backend.to_str()
@@ -188,9 +183,3 @@ def load_pretrained_tokenizer(directory: str) -> Tokenizer:
     with tempfile.TemporaryDirectory() as tmp:
         hf.backend_tokenizer.save(os.path.join(tmp, TOKENIZER_FILE))
         return Tokenizer.from_file(os.path.join(tmp, TOKENIZER_FILE))
-
-
-def describe_tokens(tok: Tokenizer, cfg: GSVAConfig) -> str:
-    """JSON summary of the task-token ids (for logs and `python -m gsva describe`)."""
-    return json.dumps({name: getattr(check_tokenizer(tok, cfg), name) for name in
-                       ("seg", "rej", "im_start", "im_end", "image", "unk", "bos", "eos")})

@@ -11,8 +11,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from gsva.config import MODES
 from pipeline.annotate.config import AnnotateConfig, ConfigError, InputLimits, Scheduling, parse_replicas
-from pipeline.storage import StorageOptions
+from pipeline.storage import StorageOptions, join
 
 DEFAULT_TASKS = Path("data/shapes-gres/tasks")
 DEFAULT_OUTPUT = Path("outputs/annotate")
@@ -34,7 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--output", default=str(DEFAULT_OUTPUT), help="output folder (default: %(default)s)")
     p.add_argument("--checkpoint", help=f"checkpoint URI or preset name (default: {DEFAULT_CHECKPOINT}/ if it "
                                         f"exists, else the {FALLBACK_PRESET!r} preset)")
-    p.add_argument("--mode", default="generate", choices=["generate", "teacher-forced"],
+    p.add_argument("--mode", default="generate", choices=MODES,
                    help="generate: no ground truth needed; teacher-forced: the official benchmark protocol")
     p.add_argument("--replicas", default="1", help="model replicas: N (fixed pool) or MIN,MAX (autoscaling)")
     p.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs per replica; 0 runs on CPU")
@@ -75,13 +76,19 @@ def ensure_default_data(tasks: Path) -> None:
 
     if (tasks / SUMMARY_FILE).exists():
         return
-    from jobs import prepare
+    from pipeline.prepare import graph as prepare
+    from pipeline.prepare.formats.sources import SourceConfig
 
     print(f"generating Shapes-GRES ({DEFAULT_IMAGES} images) into {tasks} ...", flush=True)
-    code = prepare.main(["--format", "shapes", "--num-images", str(DEFAULT_IMAGES), "--seed", str(DEFAULT_SEED),
-                         "--rows-per-file", str(DEFAULT_ROWS_PER_FILE), "--out", str(tasks.resolve())])
-    if code != 0:
-        raise SystemExit(f"annotate: generating the default dataset failed (prepare exit code {code})")
+    out = str(tasks.resolve())
+    source = SourceConfig(format="shapes", root=join(out, prepare.SHAPES_RAW_DIR), num_images=DEFAULT_IMAGES,
+                          seed=DEFAULT_SEED)
+    config = prepare.PrepareConfig(out=out, rows_per_file=DEFAULT_ROWS_PER_FILE)
+    items, skips = prepare.load_source(source, config)
+    result = prepare.run(items, config, skips)
+    print(result.summary_text(source.dataset), flush=True)
+    if result.rows == 0:
+        raise SystemExit("annotate: generating the default dataset wrote no image")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,7 +135,9 @@ def model_load_message(exc: BaseException) -> str | None:
         seen.add(id(e))
         if isinstance(e, ModelLoadError):
             return str(e)
-        stack.extend([e.__cause__, e.__context__, getattr(e, "cause", None)])
+        stack.extend([e.__cause__, e.__context__, getattr(e, "cause", None)])  # RayTaskError.cause
+    # A replica that fails in __init__ reaches the driver as ActorDiedError, which keeps only the text of the
+    # RayTaskError inside it (Ray 2.60 stores no cause object): the error's own line is read from that text.
     for line in str(exc).splitlines():
         if "ModelLoadError: " in line:
             return line.split("ModelLoadError: ", 1)[1].strip()

@@ -13,13 +13,9 @@ import argparse
 import sys
 
 from pipeline.images import DEFAULT_MAX_PIXELS, ImageLimits
-from pipeline.prepare.formats.items import SkipReport
 from pipeline.prepare.formats.sources import FORMATS, SourceConfig
-from pipeline.prepare.graph import DEFAULT_ROWS_PER_FILE, PrepareConfig
+from pipeline.prepare.graph import DEFAULT_ROWS_PER_FILE, SHAPES_RAW_DIR, PrepareConfig
 from pipeline.storage import StorageError, StorageOptions, join
-
-#: Where Shapes-GRES's raw gRefCOCO-format files go when --root is not given: beside the shards.
-SHAPES_RAW_DIR = "raw"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,16 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
 
     from pipeline.prepare import graph as prepare
-    from pipeline.prepare.formats.sources import load_items
     from pipeline.ray_runtime import ensure_ray
-    from pipeline.storage import check_access
 
     try:
-        check_access(config.out, config.storage, write=True)
-        if source.format != "shapes":
-            check_access(source.root, config.storage)
-        skips = SkipReport()
-        items = load_items(source, config.storage, skips)
+        items, skips = prepare.load_source(source, config)
         ensure_ray(args.num_cpus)
         result = prepare.run(items, config, skips)
     except (StorageError, ValueError, FileNotFoundError) as exc:

@@ -46,10 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"score: {exc}", file=sys.stderr)
         return 2
 
-    import ray
+    from pipeline.ray_runtime import ensure_ray
 
-    if not ray.is_initialized():
-        ray.init()
+    ensure_ray()
 
     result = score(cfg, columns)
     written = write_report(cfg, result, args.out, baseline=args.baseline)

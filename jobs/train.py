@@ -19,10 +19,10 @@ import argparse
 import json
 import sys
 
+from gsva.config import DTYPES, POLICIES
 from gsva.losses import LossConfig
 from pipeline.storage import StorageError, StorageOptions
 from pipeline.train.config import (
-    EXPORT_DTYPES,
     PRECISIONS,
     STRATEGIES,
     InitSpec,
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--val-max-images", type=int, default=TrainConfig.val_max_images,
                     help="validate on the first N val images (default: %(default)s)")
     io.add_argument("--export", help="also write the final model here, in our checkpoint format (LoRA merged)")
-    io.add_argument("--export-dtype", choices=EXPORT_DTYPES, default=TrainConfig.export_dtype,
+    io.add_argument("--export-dtype", choices=DTYPES, default=TrainConfig.export_dtype,
                     help="storage dtype of --export (default: %(default)s)")
     io.add_argument("--s3-endpoint", help="S3-compatible endpoint (else AWS_ENDPOINT_URL / AWS default)")
     io.add_argument("--resume", action="store_true", help="continue the run in --output from its latest checkpoint")
@@ -60,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     trainable.add_argument("--lora-r", type=int, help="LoRA rank on q/v (default: the preset's, 8 for 7B, 64 for "
                            "13B); LoRA is the default when starting from --init")
     trainable.add_argument("--full", action="store_true", help="train every parameter (the default from a "
-                           "random init, i.e. --preset without --init)")
+                           "random init, i.e. --preset without --init); same as --policy all")
+    trainable.add_argument("--policy", choices=POLICIES, help="trainable parameters: lora (LoRA on q/v + lm_head, "
+                           "embed_tokens, mask decoder, text_hidden_fcs), llm (the whole LLM instead of LoRA), all")
     model.add_argument("--max-expressions", type=int, help="K: expressions per sample, at most (default: the "
                        "model's max_expressions_per_prompt)")
     model.add_argument("--gradient-checkpointing", action="store_true", help="recompute LLM activations "
@@ -108,7 +110,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         data=args.data, output=args.output, max_steps=args.max_steps, batch_size=args.batch_size,
         init=InitSpec(preset=args.preset, checkpoint=args.init, llava=args.llava, clip=args.clip, sam=args.sam),
-        max_expressions=args.max_expressions, policy="all" if args.full else None, lora_r=args.lora_r,
+        max_expressions=args.max_expressions, policy="all" if args.full else args.policy, lora_r=args.lora_r,
         optim=OptimConfig(lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
                           grad_clip=args.grad_clip),
         loss=LossConfig(ce_weight=args.ce_weight, bce_weight=args.bce_weight, dice_weight=args.dice_weight),

@@ -228,6 +228,7 @@ def test_model_load_failure_is_one_clear_error(tmp_path):
     wrapped = RuntimeError("ray task failed")
     wrapped.__cause__ = err.value
     assert model_load_message(wrapped) == str(err.value)
+    # an ActorDiedError carries the replica's exception only as text
     assert model_load_message(RuntimeError("x\nModelLoadError: cannot load the model from 'y'\n")) == \
         "cannot load the model from 'y'"
     assert model_load_message(RuntimeError("unrelated")) is None

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from gsva.config import MODES
 from pipeline.images import ImageLimits
 from pipeline.storage import StorageOptions
-
-MODES = ("generate", "teacher-forced")
 
 
 class ConfigError(ValueError):

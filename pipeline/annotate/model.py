@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from gsva.config import TEACHER_FORCED
 from pipeline import masks
 from pipeline.annotate.rows import DECODED_SCHEMA, base_row, error_row, image_error_rows, placeholder_row, to_table
 from pipeline.schemas import STATUS_ERROR, missing_columns
@@ -21,7 +22,6 @@ from pipeline.storage import StorageOptions
 
 log = logging.getLogger(__name__)
 
-TEACHER_FORCED = "teacher-forced"
 
 
 class ModelLoadError(RuntimeError):

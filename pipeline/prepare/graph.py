@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.images import ImageError, ImageLimits, decode_image, image_exists, read_image_bytes
 from pipeline.prepare.formats.items import ImageItem, SkipReport, to_task_row
+from pipeline.prepare.formats.sources import SourceConfig, load_items
 from pipeline.schemas import TASK_SCHEMA
-from pipeline.storage import StorageOptions, filesystem, is_local, join
+from pipeline.storage import StorageOptions, check_access, filesystem, is_local, join
 from pipeline.tasks import SUMMARY_FILE, list_shards, parse_shard_name, shard_name
 
 if TYPE_CHECKING:
@@ -176,6 +177,20 @@ def _remove_stale(config: PrepareConfig, written: set[str]) -> list[str]:
             fs.rm(path)
             stale.append(uri)
     return stale
+
+
+#: Where Shapes-GRES's raw gRefCOCO-format files go when no root is given: beside the shards.
+SHAPES_RAW_DIR = "raw"
+
+
+def load_source(source: SourceConfig, config: PrepareConfig) -> tuple[list[ImageItem], SkipReport]:
+    """Check storage access, then index the source on the driver (cheap; no Ray needed yet), so a wrong path
+    or key fails before any cluster work. Raises StorageError / ValueError / FileNotFoundError."""
+    check_access(config.out, config.storage, write=True)
+    if source.format != "shapes":
+        check_access(source.root, config.storage)
+    skips = SkipReport()
+    return load_items(source, config.storage, skips), skips
 
 
 def run(items: list[ImageItem], config: PrepareConfig, skips: SkipReport | None = None) -> PrepareResult:

@@ -34,6 +34,10 @@ REC_IOU_THRESHOLD = 0.5
 HIST_BINS = 20  # per-expression IoU histogram of targets, bins of width 1/HIST_BINS
 METRIC_KEYS = ("giou", "ciou", "n_acc", "t_acc", *(f"pr@{t}" for t in PR_THRESHOLDS), "miou",
                f"rec_acc@{REC_IOU_THRESHOLD}", "count", "errors")
+#: How reports print each fraction metric (the papers' names).
+METRIC_LABELS = {"giou": "gIoU", "ciou": "cIoU", "n_acc": "N-acc", "t_acc": "T-acc",
+                 **{f"pr@{t}": f"Pr@{t}" for t in PR_THRESHOLDS}, "miou": "mIoU",
+                 f"rec_acc@{REC_IOU_THRESHOLD}": f"REC Acc@{REC_IOU_THRESHOLD}"}
 
 
 @dataclass

@@ -15,8 +15,6 @@ from pipeline.score import metrics
 from pipeline.score.graph import ScoreConfig, ScoreResult
 from pipeline.storage import StorageOptions, filesystem, is_local
 
-LABELS = {"giou": "gIoU", "ciou": "cIoU", "n_acc": "N-acc", "t_acc": "T-acc", "pr@0.7": "Pr@0.7",
-          "pr@0.8": "Pr@0.8", "pr@0.9": "Pr@0.9", "miou": "mIoU", "rec_acc@0.5": "REC Acc@0.5"}
 FRACTION_KEYS = tuple(k for k in metrics.METRIC_KEYS if k not in ("count", "errors"))
 PICTURES = {"splits": "splits.png", "iou_hist": "iou_hist.png", "confusion": "confusion.png",
             "gallery": "gallery.png"}
@@ -56,7 +54,7 @@ def compare(current: dict, baseline: dict) -> list[str]:
         for key in FRACTION_KEYS:
             a, b = before.get(key), now.get(key)
             delta = "—" if a is None or b is None else f"{100.0 * (b - a):+.2f}"
-            lines.append(f"| {name} | {LABELS[key]} | {percent(a)} | {percent(b)} | {delta} |")
+            lines.append(f"| {name} | {metrics.METRIC_LABELS[key]} | {percent(a)} | {percent(b)} | {delta} |")
         for key in ("count", "errors"):
             if before.get(key) != now.get(key):
                 lines.append(f"| {name} | {key} | {before.get(key)} | {now.get(key)} | "
@@ -69,7 +67,7 @@ def compare(current: dict, baseline: dict) -> list[str]:
 
 def markdown(doc: dict, comparison: list[str] | None = None) -> str:
     """The metrics.md table and notes."""
-    head = ["group", "count", "errors", *(LABELS[k] for k in FRACTION_KEYS)]
+    head = ["group", "count", "errors", *(metrics.METRIC_LABELS[k] for k in FRACTION_KEYS)]
     rows = [[name, str(m["count"]), str(m["errors"]), *(percent(m[k]) for k in FRACTION_KEYS)]
             for name, m in [*doc["splits"].items(), ("**overall**", doc["overall"])]]
     inp, n = doc["inputs"], doc["inputs"]["counts"]

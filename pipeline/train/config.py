@@ -11,13 +11,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from gsva.config import DTYPES, POLICIES
 from gsva.losses import LossConfig
 from pipeline.storage import StorageOptions
 
 STRATEGIES = ("ddp", "fsdp")
 PRECISIONS = ("auto", "bf16", "fp32")
-POLICIES = ("lora", "llm", "all")
-EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 #: Logical CPUs a local Ray cluster keeps free for Ray Data's read/decode tasks beside the workers: on a
 #: 2-core machine, workers that take every CPU starve ingestion and the run hangs (ray-facts.md).
 INGEST_CPUS = 2
@@ -177,8 +176,8 @@ class TrainConfig:
             raise TrainConfigError(f"--val-max-images must be >= 1, got {self.val_max_images}")
         if self.shuffle_buffer < 0:
             raise TrainConfigError(f"--shuffle-buffer must be >= 0, got {self.shuffle_buffer}")
-        if self.export_dtype not in EXPORT_DTYPES:
-            raise TrainConfigError(f"--export-dtype must be one of {EXPORT_DTYPES}, got {self.export_dtype!r}")
+        if self.export_dtype not in DTYPES:
+            raise TrainConfigError(f"--export-dtype must be one of {DTYPES}, got {self.export_dtype!r}")
         if min(self.loss.ce_weight, self.loss.bce_weight, self.loss.dice_weight) < 0:
             raise TrainConfigError("--ce-weight, --bce-weight and --dice-weight must be >= 0")
         self.optim.validate()

@@ -218,7 +218,7 @@ class TrainRecipe:
         started = time.perf_counter()
         with unsharded(self.model):
             stats = validate_shard(self.module, self.tokenizer, self.val_shard, self.cfg.batch_size,
-                                   self.autocast_dtype)
+                                   self.autocast_dtype, max_expressions=self.cfg.max_expressions)
         out = summary(merge_across_workers(stats))
         out["val/seconds"] = time.perf_counter() - started
         return out

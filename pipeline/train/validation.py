@@ -19,12 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from gsva.config import GENERATE
 from pipeline import masks as rle
 from pipeline.score.metrics import ExpressionInputs, ScoreStats, score_expressions
 from pipeline.train.data import labelled
 
 PROTOCOL = "rela"
-MODE = "generate"
 REPORTED = ("giou", "ciou", "n_acc", "t_acc")
 
 
@@ -83,7 +83,7 @@ def validate_shard(model: torch.nn.Module, tokenizer, shard: Any, batch_size: in
             if not images:
                 continue
             with amp:
-                results = predictor.predict(images, [[e["text"] for e in es] for es in exprs], mode=MODE,
+                results = predictor.predict(images, [[e["text"] for e in es] for es in exprs], mode=GENERATE,
                                             max_expressions_per_prompt=max_expressions)
             inputs = expression_inputs(list(zip(exprs, results)))
             scores = score_expressions(inputs, PROTOCOL)

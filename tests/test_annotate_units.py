@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from gsva.inputs import clean_expression, reserved_tokens
 from pipeline import masks
 from pipeline.annotate.config import AnnotateConfig, ConfigError, Scheduling, parse_replicas
 from pipeline.annotate.decode import DecodeSpec, DecodeStage
@@ -17,9 +18,7 @@ from pipeline.annotate.fingerprint import FingerprintMismatch, check_or_record, 
 from pipeline.annotate.layout import OutputLayout, completed, list_inputs
 from pipeline.annotate.model import ModelLoadError, ModelSpec
 from pipeline.annotate.rows import DECODED_SCHEMA, PART_SCHEMA
-from pipeline.annotate.run import reserved_tokens
 from pipeline.annotate.sink import PredictionSink, Target
-from pipeline.annotate.text import clean_expression
 from pipeline.schemas import PREDICTION_SCHEMA, STATUS_ERROR, STATUS_OK, TASK_SCHEMA
 from pipeline.storage import StorageOptions
 from tests.test_annotate_support import FakePredictStage, png_bytes

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from gsva.config import MODES
+from gsva.inputs import EXPRESSIONS_PER_PROMPT, MAX_EXPRESSION_CHARS
 from pipeline.images import ImageLimits
 from pipeline.storage import StorageOptions
 
@@ -25,7 +26,7 @@ class InputLimits:
     prompt no GSVA model was trained on; both become error rows instead of out-of-memory crashes.
     """
 
-    max_expression_chars: int = 256  # after Unicode normalisation; gRefCOCO sentences are far shorter
+    max_expression_chars: int = MAX_EXPRESSION_CHARS  # after Unicode normalisation
     image: ImageLimits = field(default_factory=ImageLimits)  # pixel count (bombs) and smallest side
 
     def validate(self) -> None:
@@ -78,7 +79,7 @@ class AnnotateConfig:
     output: str
     checkpoint: str = "tiny"
     mode: str = "generate"
-    max_expressions_per_prompt: int = 4
+    max_expressions_per_prompt: int = EXPRESSIONS_PER_PROMPT
     limits: InputLimits = field(default_factory=InputLimits)
     scheduling: Scheduling = field(default_factory=Scheduling)
     storage: StorageOptions = field(default_factory=StorageOptions)

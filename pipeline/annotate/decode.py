@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from gsva.inputs import clean_expression
 from pipeline.annotate.config import InputLimits
 from pipeline.annotate.rows import DECODED_SCHEMA, SOURCE
-from pipeline.annotate.text import clean_expression
 from pipeline.images import ImageError, decode_image, read_image_bytes
 from pipeline.schemas import TASK_SCHEMA, missing_columns
 from pipeline.storage import StorageError, StorageOptions

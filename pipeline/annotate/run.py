@@ -13,6 +13,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from gsva.inputs import reserved_tokens
 from pipeline.annotate.config import AnnotateConfig
 from pipeline.annotate.decode import DecodeSpec
 from pipeline.annotate.fingerprint import check_or_record, checkpoint_identity, fingerprint
@@ -124,15 +125,6 @@ def with_absolute_paths(config: AnnotateConfig) -> AnnotateConfig:
         checkpoint = os.path.abspath(checkpoint)  # a preset name stays a name
     return dataclasses.replace(config, input=absolute(config.input), output=absolute(config.output),
                                checkpoint=checkpoint)
-
-
-def reserved_tokens() -> tuple[str, ...]:
-    """Token strings user text must not contain (the predictor would strip them; we report them instead)."""
-    from gsva.config import TokensConfig
-    from gsva.tokens import BOS, EOS, UNK
-
-    t = TokensConfig()
-    return (t.seg, t.rej, t.im_start, t.im_end, t.image, UNK, BOS, EOS)
 
 
 def _clean_staging(layout: OutputLayout, done: dict) -> None:

@@ -1,7 +1,9 @@
-"""Expression text checks: what reaches the model is printable, normalised, bounded and free of model tokens.
+"""What a caller may hand the predictor: expression text checks and the request defaults shared by every caller.
 
-Why here and not in the model: a bad expression must become one error row naming the problem, while
-the image's other expressions are still annotated; the predictor only ever sees clean text.
+What reaches the model is printable, normalised, bounded and free of model tokens. Why before the predictor
+and not in it: a bad expression must become one error (an error row in annotate, one line in
+``python -m gsva predict``) naming the problem, while the image's other expressions are still answered. Both
+callers check through here and ask with the same defaults, so they send the model identical prompts.
 """
 
 from __future__ import annotations
@@ -17,6 +19,11 @@ _DROPPED_CATEGORIES = frozenset({"Cc", "Cf", "Co", "Cn"})
 _WHITESPACE = re.compile(r"\s+")
 #: An expression must hold at least one letter, number or symbol: "..." or "?!" refers to nothing.
 _MEANINGFUL = ("L", "N", "S")
+#: Longest accepted expression, after normalisation: gRefCOCO sentences are far shorter, and a 10,000-character
+#: "expression" is a prompt no GSVA model was trained on.
+MAX_EXPRESSION_CHARS = 256
+#: Expressions of one image per conversation (K) when the caller does not choose (annotate, predict).
+EXPRESSIONS_PER_PROMPT = 4
 
 
 @dataclass(frozen=True)
@@ -27,7 +34,16 @@ class CleanText:
     error: str | None
 
 
-def clean_expression(raw: object, max_chars: int, reserved: Iterable[str] = ()) -> CleanText:
+def reserved_tokens() -> tuple[str, ...]:
+    """Token strings user text must not contain (the predictor would strip them; callers report them instead)."""
+    from gsva.config import TokensConfig
+    from gsva.tokens import BOS, EOS, UNK
+
+    t = TokensConfig()
+    return (t.seg, t.rej, t.im_start, t.im_end, t.image, UNK, BOS, EOS)
+
+
+def clean_expression(raw: object, max_chars: int = MAX_EXPRESSION_CHARS, reserved: Iterable[str] = ()) -> CleanText:
     """Normalise one expression (NFKC, control/format characters dropped, whitespace collapsed) or reject it.
 
     Rejected: missing or non-string text, lone surrogates, nothing printable left, only punctuation, more

@@ -2,7 +2,8 @@
 
 With no arguments it runs the embedded default: local Ray, Shapes-GRES task shards generated into
 ./data/shapes-gres/tasks if absent, the checkpoint checkpoints/shapes-gres/ if it exists (else the tiny preset),
-predictions into ./outputs/annotate, and a one-screen summary.
+predictions into ./outputs/annotate, a one-screen summary, and outputs/annotate/gallery.png (a few images with
+their masks).
 """
 
 from __future__ import annotations
@@ -119,7 +120,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"annotate: {message}", file=sys.stderr)
         return EXIT_REFUSED
     print(summary.render(), flush=True)
+    if args.input is None:
+        show_gallery(config)
     return 0 if summary.ok else EXIT_PROBLEMS
+
+
+def show_gallery(config: AnnotateConfig) -> None:
+    """The embedded default (make demo) ends with a picture of a few annotated images."""
+    from pipeline.annotate.gallery import write_gallery
+    from pipeline.annotate.layout import OutputLayout
+    from pipeline.storage import absolute
+
+    uri = write_gallery(OutputLayout(absolute(config.output), config.storage))
+    if uri is not None:
+        print(f"  gallery: {uri} (a few images, every expression's mask in its own colour)", flush=True)
 
 
 def model_load_message(exc: BaseException) -> str | None:

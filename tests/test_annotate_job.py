@@ -49,6 +49,8 @@ def test_embedded_default_end_to_end_resume_refusal_overwrite(ray_local, tmp_pat
         assert 0.0 <= row["score"] <= 1.0 and row["answer"].startswith("Sure,")
     assert sorted(p.stem for p in (output / "done").iterdir()) == [f.stem for f in shards]
     assert not list((output / "_staging").rglob("*.parquet"))
+    gallery = output / "gallery.png"  # make demo ends with a picture of a few images, its path printed
+    assert f"gallery: {gallery}" in out and gallery.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     assert job.main(SMALL) == 0  # resume: everything is complete, nothing runs
     assert f"input files: {len(shards)} ({len(shards)} already complete, 0 written this run)" in \

@@ -12,6 +12,7 @@ import textwrap
 
 import numpy as np
 
+from gsva.overlay import blend
 from pipeline import masks
 from pipeline.score import metrics
 from pipeline.score.cases import KINDS, CaseBook
@@ -20,7 +21,7 @@ from pipeline.storage import filesystem
 
 BAR_KEYS = ("giou", "ciou", "n_acc", "t_acc", "miou", "rec_acc@0.5")
 GT_COLOUR = "cyan"  # outline; both colours stay apart from the shapes' red, green, blue and yellow
-PRED_COLOUR = np.array([255, 0, 255], np.float64)  # magenta fill
+PRED_COLOUR = (255, 0, 255)  # magenta fill
 OVERLAY_ALPHA = 0.5
 DPI = 110
 GALLERY_DPI = 80  # photos compress badly in PNG: keep the gallery file small
@@ -143,10 +144,7 @@ def _read_image(row: dict, cfg: ScoreConfig) -> np.ndarray | None:
 
 def overlay(image: np.ndarray | None, pred: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
     """The image (grey canvas when missing) with the predicted mask filled in translucent magenta."""
-    base = np.full((*shape, 3), 128.0) if image is None or image.shape[:2] != shape else image.astype(np.float64)
-    if pred is not None:
-        base[pred] = (1 - OVERLAY_ALPHA) * base[pred] + OVERLAY_ALPHA * PRED_COLOUR
-    return np.clip(base, 0, 255).astype(np.uint8)
+    return blend(image, [] if pred is None else [pred], [PRED_COLOUR], shape, OVERLAY_ALPHA)
 
 
 def gallery(cases: CaseBook, images: dict[tuple[str, str], np.ndarray | None]) -> bytes:

@@ -15,7 +15,7 @@ import jobs.annotate as annotate_job
 import jobs.prepare as prepare_job
 from gsva.__main__ import main
 from pipeline import masks
-from pipeline.formats import shapes
+from pipeline.prepare.formats import shapes
 from tests.test_annotate_job import SMALL
 
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "shapes-gres"

@@ -15,8 +15,8 @@ import json
 from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
-from pipeline.formats import shapes
-from pipeline.formats.sources import FORMATS as SOURCE_FORMATS
+from pipeline.prepare.formats import shapes
+from pipeline.prepare.formats.sources import FORMATS as SOURCE_FORMATS
 from pipeline.storage import filesystem
 
 #: Datasets read from a COCO instances.json (gRefCOCO, the RefCOCO family, Shapes-GRES): integer image ids.

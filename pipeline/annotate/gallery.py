@@ -1,7 +1,7 @@
 """A picture of a finished annotate run: a few images with every expression's mask (gsva.overlay), written
 next to the predictions so a person can see at a glance what the model did.
 
-Reads only what it draws: one predictions file, and from its task shard only the picked images' rows
+Reads only what it draws: the first predictions files, and from their task shards only the picked images' rows
 (filter pushed down to the Parquet scan), decoded through pipeline.images.
 """
 
@@ -23,23 +23,24 @@ COLUMNS = 3
 
 
 def write_gallery(layout: OutputLayout, images: int = GALLERY_IMAGES) -> str | None:
-    """Draw the first `images` images of the first finished input file into OUTPUT/gallery.png; its URI,
-    or None when no input file has finished."""
+    """Draw the first `images` images of the finished input files (in key order) into OUTPUT/gallery.png;
+    its URI, or None when no input file has finished."""
     done = completed(layout)
     if not done:
         return None
-    key = sorted(done)[0]
     fs, _ = layout.fs()
-    with fs.open(layout.predictions(key), "rb") as f:
-        predictions = pq.read_table(f)
-    ids = list(dict.fromkeys(predictions["image_id"].to_pylist()))[:images]
-    pixels = _images(done[key]["input"], ids, layout)
-    panels = []
-    for image_id in ids:
-        rows = predictions.filter(pc.equal(predictions["image_id"], image_id)).to_pylist()
-        shown = [_shown(n, row) for n, row in enumerate(rows)]
-        panels.append((pixels.get(image_id), shown, f"image {image_id}" + ("" if image_id in pixels else
-                                                                           " (image unreadable)")))
+    panels: list = []
+    for key in sorted(done):
+        if len(panels) >= images:
+            break
+        with fs.open(layout.predictions(key), "rb") as f:
+            predictions = pq.read_table(f)
+        ids = list(dict.fromkeys(predictions["image_id"].to_pylist()))[: images - len(panels)]
+        pixels = _images(done[key]["input"], ids, layout)
+        for image_id in ids:
+            rows = predictions.filter(pc.equal(predictions["image_id"], image_id)).to_pylist()
+            title = f"image {image_id}" + ("" if image_id in pixels else " (image unreadable)")
+            panels.append((pixels.get(image_id), [_shown(n, row) for n, row in enumerate(rows)], title))
     uri = join(layout.uri, GALLERY_FILE)
     out_fs, path = filesystem(uri, layout.options)
     with out_fs.open(path, "wb") as f:

@@ -19,7 +19,7 @@ import jobs.export as export_job
 import jobs.prepare as prepare_job
 import jobs.score as score_job
 import jobs.train as train_job
-from pipeline import masks
+from pipeline import masks, storage
 from pipeline.schemas import STATUS_ERROR, TASK_SCHEMA
 from tests.test_annotate_job import SMALL
 from tests.test_gsva_predict import SHIPPED
@@ -125,3 +125,19 @@ def test_min_score_and_error_rows(run, capsys):
     assert "rows:" in capsys.readouterr().out
     assert export_job.main(["--predictions", str(folder), "--to", "tasks", "--out", str(out)]) == 2
     assert "pass --tasks" in capsys.readouterr().err
+
+
+def test_coco_export_to_s3(run, s3, capsys):
+    """Same job, output on a real S3 server: results and images lists land there, readable with pycocotools."""
+    out = f"s3://{s3.bucket}/export-test/coco"
+    assert export_job.main(["--predictions", str(run["annotate"]), "--to", "coco", "--out", out]) == 0
+    capsys.readouterr()
+    fs, _ = storage.filesystem(out, s3.options)
+    fs.invalidate_cache()
+    names = sorted(p.rsplit("/", 1)[1] for p in fs.find(f"{s3.bucket}/export-test/coco"))
+    keys = sorted(p.stem for p in (run["annotate"] / "predictions").glob("*.parquet"))
+    assert names == sorted([*(f"{k}.json" for k in keys), *(f"{k}.json" for k in keys), "_export.json"])
+    results = [r for k in keys for r in json.loads(fs.cat_file(f"{s3.bucket}/export-test/coco/results/{k}.json"))]
+    gt = COCO(str(run["tasks"] / "raw" / "instances.json"))
+    assert len(gt.loadRes(results).getAnnIds()) == json.loads(fs.cat_file(
+        f"{s3.bucket}/export-test/coco/_export.json"))["rows"]["exported"]

@@ -4,6 +4,8 @@ on the shipped model its masks equal the annotate job's for the same image (same
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ from gsva.__main__ import main
 from pipeline import masks
 from pipeline.prepare.formats import shapes
 from tests.test_annotate_job import SMALL
+from tests.test_gsva_standalone import BLOCK_PIPELINE, REPO
 
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "shapes-gres"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -105,3 +108,18 @@ def test_predict_masks_equal_annotate_on_the_shipped_model(ray_local, shapes_raw
         assert a["score"] == pytest.approx(p["score"], abs=1e-6)
     assert any(masks.area(a["mask"]) for a in annotated)  # a non-trivial comparison
     assert (tmp_path / "p" / "overlay.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_predict_runs_without_pipeline(shapes_raw, tmp_path):
+    """`python -m gsva predict` is part of the model package: it works with `pipeline` unimportable."""
+    script = BLOCK_PIPELINE + (
+        "from gsva.__main__ import main\n"
+        "code = main(sys.argv[1:])\n"
+        "assert not any(m.startswith('pipeline') for m in sys.modules)\n"
+        "sys.exit(code)\n")
+    image = shapes_raw / "images" / "shapes_000001.png"
+    result = subprocess.run([sys.executable, "-c", script, "predict", "--checkpoint", str(SHIPPED), str(image),
+                             "the red triangle", "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "the red triangle" in result.stdout and (tmp_path / "overlay.png").exists()

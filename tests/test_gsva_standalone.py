@@ -10,7 +10,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-SCRIPT = textwrap.dedent("""
+#: Script prologue that makes `pipeline` unimportable in the process it runs in.
+BLOCK_PIPELINE = textwrap.dedent("""
     import sys
 
     class NoPipeline:
@@ -20,6 +21,8 @@ SCRIPT = textwrap.dedent("""
             return None
 
     sys.meta_path.insert(0, NoPipeline())
+""")
+SCRIPT = BLOCK_PIPELINE + textwrap.dedent("""
     import numpy as np
     import torch
 

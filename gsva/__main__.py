@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def add_predict_parser(sub) -> None:
+    from gsva.config import GENERATE, MODES
     from gsva.inputs import EXPRESSIONS_PER_PROMPT, MAX_EXPRESSION_CHARS
-    from gsva.predictor import MODES
 
     p = sub.add_parser("predict", help="one image, a few expressions: decisions, overlay.png, predictions.json")
     p.add_argument("--checkpoint", required=True, help="checkpoint URI (e.g. checkpoints/shapes-gres) or preset")
@@ -101,7 +101,7 @@ def add_predict_parser(sub) -> None:
     p.add_argument("expressions", nargs="+", help="referring expressions, one argument each")
     p.add_argument("--out", default=DEFAULT_PREDICT_OUT, help="folder for overlay.png and predictions.json "
                                                               "(default: %(default)s)")
-    p.add_argument("--mode", choices=MODES, default="generate",
+    p.add_argument("--mode", choices=MODES, default=GENERATE,
                    help="generate: the model decides; teacher-forced: the official benchmark protocol, which "
                         "needs the ground truth (--no-target)")
     p.add_argument("--no-target", default="", help="teacher-forced: comma list of the expression numbers "
@@ -128,6 +128,7 @@ def parse_no_target(text: str, count: int) -> list[bool]:
 
 def predict(args, storage) -> int:
     """Run `python -m gsva predict`; every failure is one line on stderr (exit 2)."""
+    from gsva.config import TEACHER_FORCED
     from gsva.predict import predict_image, read_image, write_outputs
     from gsva.predictor import GSVAPredictor
     from gsva.transforms import ImageError
@@ -147,7 +148,7 @@ def predict(args, storage) -> int:
               file=sys.stderr)
         return 2
     answers = predict_image(predictor, image, args.expressions, args.mode,
-                            no_target if args.mode == "teacher-forced" else None,
+                            no_target if args.mode == TEACHER_FORCED else None,
                             args.max_expressions_per_prompt, args.max_expression_chars)
     print(f"{args.image}: {image.shape[1]}x{image.shape[0]}, model {predictor.model_id}, mode {args.mode}")
     for n, answer in enumerate(answers):

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from gsva.config import GENERATE
 from gsva.inputs import EXPRESSIONS_PER_PROMPT, MAX_EXPRESSION_CHARS, clean_expression, reserved_tokens
 from gsva.overlay import Shown, overlay_png
 from gsva.transforms import to_rgb_uint8
@@ -65,7 +66,7 @@ def read_image(path: str) -> np.ndarray:
     return to_rgb_uint8(array, name=path)
 
 
-def predict_image(predictor, image: np.ndarray, expressions: list[str], mode: str = "generate",
+def predict_image(predictor, image: np.ndarray, expressions: list[str], mode: str = GENERATE,
                   no_target: list[bool] | None = None, max_expressions_per_prompt: int = EXPRESSIONS_PER_PROMPT,
                   max_chars: int = MAX_EXPRESSION_CHARS) -> list[Answer]:
     """One Answer per expression, in order: the checked ones asked in one predictor call."""

@@ -40,12 +40,10 @@ def naive_generate(p: GSVAPredictor, image: np.ndarray, expression: str, decodin
     prepared = prepare_images([image], cfg)
     tokens, embedding = p.model.encode_images(prepared.clip_pixels.to(p.model.device),
                                               prepared.sam_pixels.to(p.model.device))
-    name = prompts.clean_expression(expression, cfg)
-    question = prompts.question_text([name])
+    names = prompts.eval_names([expression], cfg)
     h, w = prepared.original[0]
     if decoding == "forced":
-        prompt, answer = prompts.conversation(question, prompts.answer_text([name], [False], cfg), cfg)
-        enc = prompts.encode(p.tokenizer, ids, prompt, answer, cfg.vision.num_image_tokens)
+        enc = prompts.encode_eval(p.tokenizer, ids, names, [False], cfg)
         hidden, logits = _full_forward(p, enc.ids[: enc.slots[0]], tokens)
         probs = logits[-1].float().softmax(-1)
         token = ids.seg if probs[ids.seg] >= probs[ids.rej] else ids.rej
@@ -55,8 +53,7 @@ def naive_generate(p: GSVAPredictor, image: np.ndarray, expression: str, decodin
         mask = _mask(p, hidden[-1], embedding, prepared) if seg else np.zeros((h, w), dtype=bool)
         return ExpressionResult("seg" if seg else "rej", not seg, mask, None, float(probs[token]),
                                 p.tokenizer.decode(answer_ids).strip())
-    prompt, _ = prompts.conversation(question, None, cfg)
-    seq = list(prompts.encode(p.tokenizer, ids, prompt, "", cfg.vision.num_image_tokens).ids)
+    seq = list(prompts.encode_eval(p.tokenizer, ids, names, None, cfg).ids)
     banned = [ids.image, ids.im_start, ids.im_end, ids.bos, ids.unk]
     generated, slots, slot_texts, pending = [], [], [], []
     for _ in range(cfg.max_new_tokens_per_expression):
@@ -75,7 +72,7 @@ def naive_generate(p: GSVAPredictor, image: np.ndarray, expression: str, decodin
             pending = []
         else:
             pending.append(token)
-    matching = match_slots([p.tokenizer.decode(t) for t in slot_texts], [name])
+    matching = match_slots([p.tokenizer.decode(t) for t in slot_texts], names)
     chosen = {j: s for s, j in zip(slots, matching.slot_to_expr) if j is not None}.get(0)
     decision = "none" if chosen is None else ("seg" if chosen[0] == ids.seg else "rej")
     mask = _mask(p, chosen[2], embedding, prepared) if decision == "seg" else np.zeros((h, w), dtype=bool)

@@ -90,10 +90,8 @@ def seg_prompts(p: GSVAPredictor, image: np.ndarray, names: list[str]) -> tuple[
     """(projected image tokens (P, H), mask prompts (M, D)) of one image's evaluation conversation, every
     expression answered [SEG] (teacher-forced)."""
     cfg, model = p.cfg, p.model
-    names = [prompts.clean_expression(n, cfg) for n in names]
-    prompt, answer = prompts.conversation(prompts.question_text(names),
-                                          prompts.answer_text(names, [False] * len(names), cfg), cfg)
-    encoded = prompts.encode(p.tokenizer, model.token_ids, prompt, answer, cfg.vision.num_image_tokens)
+    names = prompts.eval_names(names, cfg)
+    encoded = prompts.encode_eval(p.tokenizer, model.token_ids, names, [False] * len(names), cfg)
     prepared = prepare_images([image], cfg)
     tokens, _ = model.encode_images(prepared.clip_pixels, prepared.sam_pixels)
     decoded, _ = decoding.teacher_forced(model, [encoded], tokens)

@@ -28,6 +28,8 @@ MODES = (GENERATE, TEACHER_FORCED)
 # Trainable policies (gsva.freeze) and the dtypes weights are stored in; torch-free so configs can check them.
 POLICIES = ("lora", "llm", "all")
 DTYPES = ("float32", "bfloat16", "float16")
+#: The official conv_type choices (gsva.prompts.TEMPLATES holds their strings).
+CONVERSATIONS = ("llava_v1", "llava_llama_2")
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,8 @@ class TokensConfig:
 @dataclass(frozen=True)
 class GSVAConfig:
     """The whole model. ``tokenizer`` is "builtin-bpe" (built offline by gsva.tokens, tiny presets)
-    or "pretrained" (the LLaVA tokenizer, saved with the checkpoint)."""
+    or "pretrained" (LLaVA's sentencepiece model, saved with the checkpoint); ``conversation`` is the official
+    ``conv_type`` the weights were trained with (gsva.prompts)."""
 
     name: str
     llm: LLMConfig
@@ -132,6 +135,7 @@ class GSVAConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     tokens: TokensConfig = field(default_factory=TokensConfig)
     tokenizer: str = "builtin-bpe"
+    conversation: str = "llava_v1"  # official conv_type: "llava_v1" (every official script) or "llava_llama_2"
     max_expressions_per_prompt: int = 3  # K: expressions of one image per conversation
     max_new_tokens_per_expression: int = 24  # free generation budget per expression
     seed: int = 0  # random initialisation of presets
@@ -187,6 +191,8 @@ def validate(cfg: GSVAConfig) -> None:
         problems.append("sam.global_attn_indexes must lie in [0, encoder_depth)")
     if cfg.tokenizer not in ("builtin-bpe", "pretrained"):
         problems.append(f"tokenizer must be 'builtin-bpe' or 'pretrained', not {cfg.tokenizer!r}")
+    if cfg.conversation not in CONVERSATIONS:
+        problems.append(f"conversation must be one of {CONVERSATIONS}, not {cfg.conversation!r}")
     if cfg.max_expressions_per_prompt < 1:
         problems.append("max_expressions_per_prompt must be >= 1")
     if cfg.lora.r < 1:
@@ -238,12 +244,13 @@ PRESETS: dict[str, GSVAConfig] = {
         vision=CLIP_VIT_L14_224, sam=SAM_VIT_H, tokenizer="pretrained",
         lora=LoRAConfig(r=8, alpha=16, dropout=0.05),
     ),
-    # llava-llama-2-13b-chat-lightning-preview + CLIP ViT-L/14-224 + SAM ViT-H.
+    # llava-llama-2-13b-chat-lightning-preview + CLIP ViT-L/14-224 + SAM ViT-H. Conversation llava_v1, not the
+    # [INST] template: the official scripts pass no --conv_type, so the released 13B weights used the default.
     "gsva-13b": GSVAConfig(
         name="gsva-13b",
         llm=LLMConfig(vocab_size=LLAMA_VOCAB + GSVA_ADDED_TOKENS, hidden_size=5120, intermediate_size=13824,
                       num_layers=40, num_heads=40, max_position_embeddings=4096, rms_norm_eps=1e-5),
-        vision=CLIP_VIT_L14_224, sam=SAM_VIT_H, tokenizer="pretrained",
+        vision=CLIP_VIT_L14_224, sam=SAM_VIT_H, tokenizer="pretrained", conversation="llava_v1",
         lora=LoRAConfig(r=64, alpha=16, dropout=0.05),
     ),
 }

@@ -1,11 +1,16 @@
 """GSVAPredictor: images + expressions in, one decision and one original-size mask per expression out.
 
-Each image's expressions are asked in conversations of at most K (``max_expressions_per_prompt``), all
+Each image's expressions are asked in conversations of at most K (``max_expressions_per_prompt``; the
+GSVA protocol is all of them in one conversation, which K >= the image's expression count gives), all
 conversations of a call batched with left padding; each image's CLIP tokens and SAM embedding are computed
 once and shared by its conversations. Modes:
 
+Every mode uses the official evaluation conversation (gsva.prompts: "<image>\n What are a, bin this image?
+Please output segmentation masks." / "Sure,a:[SEG], b:[REJ].") and binarises masks at logit >= 0 (GSVA's
+``solver.py``).
+
 - ``mode="generate"`` (annotation, no ground truth), ``decoding="forced"`` (default): the answer text
-  "Sure, a:[SEG], b:[SEG]." is forced and the model chooses only each slot ([SEG] or [REJ]) with its
+  "Sure,a:[SEG], b:[SEG]." is forced and the model chooses only each slot ([SEG] or [REJ]) with its
   earlier choices in context (KV cache): exact to parse. ``decoding="free"``: greedy generation until
   </s>; generated slots are matched to expressions by phrase (gsva.answers), mismatches reported in
   ``note``, unanswered expressions get decision "none" (treated as rejected).
@@ -32,7 +37,7 @@ from gsva.tokens import Tokenizer, check_tokenizer
 from gsva.transforms import masks_to_original, prepare_images
 
 DECODINGS = ("forced", "free")
-MASK_THRESHOLD = 0.0  # binarise logits at > 0
+MASK_THRESHOLD = 0.0  # binarise logits at >= 0, as the official GRES evaluation (solver.py)
 
 
 @dataclass
@@ -77,7 +82,7 @@ class GSVAPredictor:
         self._check_args(images, expressions, mode, no_target, k, decoding)
         prepared = prepare_images(images, self.cfg)  # validates every image (ImageError names it)
         convs = [_Conv(i, list(range(s, min(s + k, len(exprs)))),
-                       [prompts.clean_expression(exprs[j], self.cfg) for j in range(s, min(s + k, len(exprs)))])
+                       prompts.eval_names(exprs[s:s + k], self.cfg))
                  for i, exprs in enumerate(expressions) for s in range(0, len(exprs), k)]
         results: list[list[ExpressionResult | None]] = [[None] * len(e) for e in expressions]
         if not convs:
@@ -117,9 +122,7 @@ class GSVAPredictor:
                     raise ValueError(f"image {i}: {len(e)} expressions but {len(n)} no_target flags")
 
     def _encode(self, conv: _Conv, rejected: list[bool]) -> prompts.Encoded:
-        question = prompts.question_text(conv.names)
-        prompt, answer = prompts.conversation(question, prompts.answer_text(conv.names, rejected, self.cfg), self.cfg)
-        enc = prompts.encode(self.tokenizer, self.model.token_ids, prompt, answer, self.cfg.vision.num_image_tokens)
+        enc = prompts.encode_eval(self.tokenizer, self.model.token_ids, conv.names, rejected, self.cfg)
         if len(enc.slots) != len(conv.names):
             raise ValueError(f"image {conv.image}: {len(enc.slots)} slots for {len(conv.names)} expressions")
         return enc
@@ -133,7 +136,7 @@ class GSVAPredictor:
         out = []
         for m, i in zip(low, images):
             logits = masks_to_original(m[None], prepared.resized[i], prepared.original[i], self.cfg.sam.image_size)
-            out.append((logits[0] > MASK_THRESHOLD).cpu().numpy())
+            out.append((logits[0] >= MASK_THRESHOLD).cpu().numpy())
         return out
 
     def _answer(self, ids: list[int]) -> str:
@@ -162,10 +165,7 @@ class GSVAPredictor:
 
     def _free(self, convs, conv_tokens, embeddings, local, prepared, results) -> None:
         ids = self.model.token_ids
-        prompt_ids = []
-        for conv in convs:
-            prompt, _ = prompts.conversation(prompts.question_text(conv.names), None, self.cfg)
-            prompt_ids.append(prompts.encode(self.tokenizer, ids, prompt, "", self.cfg.vision.num_image_tokens).ids)
+        prompt_ids = [prompts.encode_eval(self.tokenizer, ids, conv.names, None, self.cfg).ids for conv in convs]
         budget = self.cfg.max_new_tokens_per_expression * max(len(c.names) for c in convs)
         banned = [ids.image, ids.im_start, ids.im_end, ids.bos, ids.unk]
         decoded = free_greedy(self.model, prompt_ids, conv_tokens, budget, banned)

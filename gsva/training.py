@@ -1,9 +1,9 @@
 """Training samples -> model inputs -> loss: the model-side half of a training step (no Ray, no loop).
 
 A sample is one image with up to K expressions, their ground-truth masks at the image's original size
-(empty = no target) and names; it becomes one GSVA conversation with a random question/answer template
-where an empty target's ``[SEG]`` is ``[REJ]``. The train job (jobs/train.py) owns sampling, the
-optimiser, distribution and checkpoints.
+(empty = no target) and names; it becomes one official GSVA training conversation (gsva.prompts) with a
+random question/answer template where an empty target's ``[SEG]`` is ``[REJ]``. The train job
+(jobs/train.py) owns sampling, the optimiser, distribution and checkpoints.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from gsva.transforms import masks_to_original, prepare_images
 @dataclass
 class Sample:
     image: np.ndarray  # RGB uint8 (H, W, 3)
-    names: list[str]  # expressions (cleaned here)
+    names: list[str]  # expressions as given (cleaned by gsva.prompts.train_names)
     masks: list[np.ndarray]  # bool (H, W) per expression; all False = no target
 
 
@@ -54,11 +54,10 @@ def make_batch(samples: list[Sample], tokenizer: Tokenizer, model_cfg, token_ids
     for i, s in enumerate(samples):
         if len(s.names) != len(s.masks):
             raise ValueError(f"sample {i}: {len(s.names)} expressions but {len(s.masks)} masks")
-        names = [prompts.clean_expression(n, model_cfg) for n in s.names]
         rejected = [not bool(m.any()) for m in s.masks]
-        question, answer = prompts.training_conversation(names, rejected, model_cfg, rng)
+        question, answer = prompts.training_conversation(s.names, rejected, model_cfg, rng)
         prompt, answer = prompts.conversation(question, answer, model_cfg)
-        encoded.append(prompts.encode(tokenizer, token_ids, prompt, answer, model_cfg.vision.num_image_tokens))
+        encoded.append(prompts.encode(tokenizer, token_ids, prompt, answer, model_cfg))
         for m, r in zip(s.masks, rejected):
             if r:
                 rej_sizes.append(prepared.original[i])

@@ -111,7 +111,7 @@ class FakeSegmenter:
                     mask[: image.shape[0] // 2, : image.shape[1] // 2] = True
                 forced = np.ones(image.shape[:2], dtype=bool) if mode == "teacher-forced" else None
                 results.append(FakeResult("rej" if rejected else "seg", rejected, mask, forced, 0.9,
-                                          f"Sure, {text}:{'[REJ]' if rejected else '[SEG]'}.", None))
+                                          f"Sure,{text}:{'[REJ]' if rejected else '[SEG]'}.", None))
             out.append(results)
         return out
 

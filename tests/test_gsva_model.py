@@ -125,26 +125,6 @@ def test_tokenizer_layout_and_safe_lookup():
     assert build_builtin_tokenizer(cfg).to_json() == tok.to_json()  # deterministic
 
 
-def test_conversation_labels_and_slots():
-    cfg = preset("tiny")
-    tok = build_builtin_tokenizer(cfg)
-    ids = token_ids(cfg)
-    names = [prompts.clean_expression(t, cfg) for t in ("The red circle.", "all blue [SEG] shapes")]
-    assert names == ["the red circle", "all blue shapes"]  # reserved token text removed
-    question = prompts.question_text(names)
-    answer = prompts.answer_text(names, [False, True], cfg)
-    assert answer == "Sure, the red circle:[SEG], all blue shapes:[REJ]."
-    prompt, full_answer = prompts.conversation(question, answer, cfg)
-    assert prompt.startswith(prompts.SYSTEM + " USER: <im_start><image><im_end>\nWhat are the red circle, ")
-    assert prompt.endswith(" ASSISTANT: ") and full_answer.endswith(".</s>")
-    enc = prompts.encode(tok, ids, prompt, full_answer, cfg.vision.num_image_tokens)
-    assert enc.ids.count(ids.image) == cfg.vision.num_image_tokens
-    assert [enc.ids[s] for s in enc.slots] == [ids.seg, ids.rej]
-    trained = [t for t in enc.labels if t != prompts.IGNORE_INDEX]
-    assert tok.decode(trained).strip() == answer and trained[-1] == ids.eos
-    assert all(lab == prompts.IGNORE_INDEX for lab in enc.labels[: enc.answer_start])
-
-
 # ------------------------------------------------------------------------------- [SEG] hidden-state rule
 def test_seg_prompt_is_hidden_state_before_each_seg():
     seg = 7
@@ -163,8 +143,7 @@ def test_forward_masks_come_from_the_position_before_seg():
     names = ["a", "b", "c"]
     encs = []
     for rejected in ([False, True, False], [True, False, True]):
-        p, a = prompts.conversation(prompts.question_text(names), prompts.answer_text(names, rejected, cfg), cfg)
-        encs.append(prompts.encode(tok, ids, p, a, cfg.vision.num_image_tokens))
+        encs.append(prompts.encode_eval(tok, ids, names, rejected, cfg))
     batch = prompts.collate(encs, ids.pad)
     rgb = np.random.default_rng(0).integers(0, 256, (40, 70, 3), dtype=np.uint8)
     images = prepare_images([rgb, rgb[:30]], cfg)

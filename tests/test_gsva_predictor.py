@@ -30,9 +30,7 @@ def forced_predictor(images):
     p = GSVAPredictor.from_checkpoint("tiny", dtype=torch.float64)
     cfg, ids = p.cfg, p.model.token_ids
     names = EXPRESSIONS[0][:3]
-    prompt, answer = prompts.conversation(prompts.question_text(names),
-                                          prompts.answer_text(names, [False] * 3, cfg), cfg)
-    enc = prompts.encode(p.tokenizer, ids, prompt, answer, cfg.vision.num_image_tokens)
+    enc = prompts.encode_eval(p.tokenizer, ids, prompts.eval_names(names, cfg), [False] * 3, cfg)
     prep = prepare_images(images[:1], cfg)
     with torch.no_grad():
         tokens, _ = p.model.encode_images(prep.clip_pixels, prep.sam_pixels)
@@ -63,9 +61,9 @@ def test_generate_and_teacher_forced_agree_on_forced_answer(forced_predictor, im
             assert not t.mask.any() if t.rejected else np.array_equal(t.mask, t.forced_mask)
     # Same context up to the first [REJ]: the first [SEG]'s mask is the same in both modes.
     assert np.array_equal(gen[0][0].mask, tf[0][0].forced_mask)
-    # K=3: image 0 is asked in two conversations; "Sure, a:[SEG], b:[REJ], c:..." for the first
-    assert gen[0][0].answer.startswith("Sure, the red circle:[SEG], all blue shapes:[REJ], the leftmost square:")
-    assert gen[0][3].answer.startswith("Sure, the green triangle:")
+    # K=3: image 0 is asked in two conversations; "Sure,a:[SEG], b:[REJ], c:..." for the first (official form)
+    assert gen[0][0].answer.startswith("Sure,the red circle:[SEG], all blue shapes:[REJ], the leftmost square:")
+    assert gen[0][3].answer.startswith("Sure,the green triangle:")
 
 
 def test_batched_with_padding_equals_one_image_at_a_time(forced_predictor, images):

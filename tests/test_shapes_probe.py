@@ -35,10 +35,8 @@ def test_seg_prompts_are_the_models_mask_prompts(probe):
     from gsva import prompts as conv
     from gsva.transforms import prepare_images
 
-    prompt, answer = conv.conversation(conv.question_text(names), conv.answer_text(names, [False, False], p.cfg),
-                                       p.cfg)
-    batch = conv.collate([conv.encode(p.tokenizer, p.model.token_ids, prompt, answer,
-                                      p.cfg.vision.num_image_tokens)], p.model.token_ids.pad)
+    encoded = conv.encode_eval(p.tokenizer, p.model.token_ids, conv.eval_names(names, p.cfg), [False, False], p.cfg)
+    batch = conv.collate([encoded], p.model.token_ids.pad)
     prep = prepare_images([image], p.cfg)
     with torch.no_grad():
         out = p.model(batch.input_ids, batch.attention_mask, prep.clip_pixels, prep.sam_pixels, torch.tensor([0]))

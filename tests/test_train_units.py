@@ -121,23 +121,33 @@ def test_lr_warms_up_then_decays_linearly_to_zero():
 
 
 # ------------------------------------------------------------------------------------------------ data
-def test_one_sample_per_image_with_min_k_expressions_never_all_no_target():
+def test_one_sample_per_image_with_min_k_expressions_and_all_no_target_draws_dropped():
+    """Official: a draw whose parts are all [REJ] is replaced by a fresh random sample (``__getitem__(0)`` in
+    random-sampling mode); here it is dropped and the stream's next sample takes its place."""
     row = image_row("7", n_target=1, n_empty=3)
     exprs = labelled(row["expressions"])
-    seen = set()
-    for seed in range(30):
-        (sample,) = draw_samples(row["pixels"], exprs, "7", 3, random.Random(seed))
+    seen, dropped = set(), 0
+    for seed in range(40):
+        drawn = draw_samples(row["pixels"], exprs, "7", 3, random.Random(seed))
+        if not drawn:
+            dropped += 1
+            continue
+        (sample,) = drawn
         assert len(sample.names) == 3 == len(set(sample.names))
-        assert any(name.startswith("thing") for name in sample.names)  # the official re-draw
+        assert any(name.startswith("thing") for name in sample.names)  # never all no-target
         for name, mask in zip(sample.names, sample.masks):
             assert mask.any() == name.startswith("thing") and mask.shape == (40, 48)
         seen |= set(sample.names)
+    assert 0 < dropped < 40  # 1 in 4 draws of 3 out of (1 target + 3 empty) are all no-target
     assert seen == {e["text"] for e in exprs}  # every expression gets drawn over the epochs
     (small,) = draw_samples(row["pixels"], exprs[:2], "7", 3, random.Random(0))
     assert len(small.names) == 2
     only_empty = [e for e in exprs if not e["text"].startswith("thing")]
-    (rej,) = draw_samples(row["pixels"], only_empty, "7", 2, random.Random(0))  # nothing to re-draw for
-    assert not any(m.any() for m in rej.masks)
+    assert draw_samples(row["pixels"], only_empty, "7", 2, random.Random(0)) == []
+    stats = EpochStats()
+    empty_row = image_row("8", n_target=0, n_empty=2)
+    assert list(sample_batches(iter([as_batch([empty_row])]), 1, 3, random.Random(0), stats)) == []
+    assert (stats.images, stats.all_rejected, stats.samples) == (1, 1, 0)
 
 
 def test_batches_have_exact_size_and_unusable_rows_are_counted():

@@ -5,9 +5,11 @@ tasks (image bytes -> RGB pixels). Ray Train splits the stream across workers (`
 ``streaming_split(equal=True)``); no dataset is ever loaded whole.
 
 Worker side: each image row becomes one GSVA sample, as in official GSVA: min(K, n) of its n labelled
-expressions drawn at random, one conversation (``gsva.training.Sample``); a draw whose expressions are all
-no-target is drawn again while the image has a target expression (the official loader re-draws such
-samples). Every image is seen once per epoch, each time with a fresh choice of its expressions.
+expressions drawn at random, one conversation (``gsva.training.Sample``). A draw whose expressions are all
+no-target is dropped (counted in ``EpochStats.all_rejected``) and the stream's next sample takes its place:
+the official loader returns ``self.__getitem__(0)`` for it, which in its (default) random-sampling mode is a
+fresh random image, not image 0 (only ``--no_sampling`` would repeat item 0, over-weighting one image).
+Every image is offered once per epoch, each time with a fresh choice of its expressions.
 """
 
 from __future__ import annotations
@@ -111,15 +113,13 @@ def gt_masks(pixels: np.ndarray, expressions: list[dict[str, Any]], image_id: st
 
 def draw_samples(pixels: np.ndarray, expressions: list[dict[str, Any]], image_id: str, k: int,
                  rng: random.Random) -> list[Sample]:
-    """One image's sample: min(K, n) of its labelled expressions, not all no-target when it has a target."""
+    """One image's sample: min(K, n) of its labelled expressions; none when all drawn ones are no-target."""
     from gsva.training import Sample
 
     all_masks = gt_masks(pixels, expressions, image_id)
-    has_target = [bool(m.any()) for m in all_masks]
-    size = min(k, len(expressions))
-    group = rng.sample(range(len(expressions)), size)
-    while any(has_target) and not any(has_target[i] for i in group):
-        group = rng.sample(range(len(expressions)), size)
+    group = rng.sample(range(len(expressions)), min(k, len(expressions)))
+    if not any(all_masks[i].any() for i in group):
+        return []
     return [Sample(pixels, [expressions[i]["text"] for i in group], [all_masks[i] for i in group])]
 
 
@@ -128,6 +128,7 @@ class EpochStats:
     images: int = 0
     samples: int = 0
     skipped_images: int = 0
+    all_rejected: int = 0  # draws whose expressions were all no-target (dropped, as officially replaced)
     first_error: str | None = None
 
 
@@ -146,6 +147,7 @@ def sample_batches(rows: Iterator[dict[str, np.ndarray]], batch_size: int, k: in
                 continue
             new = draw_samples(np.asarray(pixels, dtype=np.uint8), usable, str(image_id), k, rng)
             stats.images += 1
+            stats.all_rejected += not new
             stats.samples += len(new)
             pending.extend(new)
             while len(pending) >= batch_size:

@@ -140,7 +140,8 @@ class TrainRecipe:
             if not stepped:
                 raise ValueError(f"the {cfg.train_split!r} split of {cfg.data} gives fewer than --batch-size "
                                  f"{cfg.batch_size} samples per worker ({stats.images} usable images, "
-                                 f"{stats.skipped_images} skipped; first problem: {stats.first_error})")
+                                 f"{stats.skipped_images} skipped, {stats.all_rejected} draws all no-target; "
+                                 f"first problem: {stats.first_error})")
             if self.state.step < cfg.max_steps:
                 self.state.epoch += 1
 
@@ -188,7 +189,7 @@ class TrainRecipe:
         record = {"step": self.state.step, "epoch": self.state.epoch, **dict(zip(LOSS_PARTS, values.tolist())),
                   "lr": lr, "grad_norm": float(grad_norm),
                   "samples_per_s": cfg.batch_size * self.world / max(now - self._last_step_end, 1e-9),
-                  "skipped_images": stats.skipped_images}
+                  "skipped_images": stats.skipped_images, "all_rejected_draws": stats.all_rejected}
         self._last_step_end = now
         self._after_step(record)
 

@@ -2,7 +2,8 @@
 
 A checkpoint is a folder: ``config.json`` (the full GSVAConfig, so every size and preprocessing constant,
 plus the weights' sha256 and dtype, and the LoRA adapter spec when saved un-merged), ``model.safetensors``
-and ``tokenizer.json``. Weights are loaded into a model whose parameters were never initialised (meta
+and the tokenizer (``tokenizer.json`` for the built-in BPE; LLaVA's ``tokenizer.model`` plus
+``added_tokens.json`` for real weights). Weights are loaded into a model whose parameters were never initialised (meta
 parameters, real buffers), so loading a 13B model costs one read of the file. Pickled weights are only
 ever read with ``torch.load(weights_only=True)``.
 """
@@ -28,7 +29,7 @@ from gsva.lora import apply_lora, has_lora, merged_state_dict
 from gsva.meta import CONFIG_FILE, FORMAT, VERSION, WEIGHTS_FILE, check_meta, checkpoint_identity, preset_identity
 from gsva.modeling import FLOAT32_BUFFERS
 from gsva.storage import StorageError, StorageOptions, describe_error, filesystem, is_local, local_path
-from gsva.tokens import TOKENIZER_FILE, Tokenizer, build_builtin_tokenizer, check_tokenizer
+from gsva.tokens import Tokenizer, build_builtin_tokenizer, check_tokenizer, load_tokenizer
 
 HASH_CHUNK = 1 << 20
 
@@ -120,7 +121,7 @@ def assign_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], dtype
 # ----------------------------------------------------------------------------------------- our format
 def save_checkpoint(model, tokenizer: Tokenizer, uri: str, storage: StorageOptions | None = None,
                     dtype: torch.dtype | None = None, merge: bool = True) -> str:
-    """Write config.json + model.safetensors + tokenizer.json to ``uri``; returns the weights' sha256.
+    """Write config.json + model.safetensors + the tokenizer to ``uri``; returns the weights' sha256.
     LoRA layers are merged unless ``merge=False`` (then the adapter spec is saved and re-applied on load,
     e.g. to resume LoRA training)."""
     cfg: GSVAConfig = model.cfg
@@ -165,7 +166,7 @@ def load_checkpoint(uri: str, storage: StorageOptions | None = None, device: str
         cfg = GSVAConfig.from_dict(meta["config"])
         adapter = LoRAConfig(**{**meta["adapter"], "targets": tuple(meta["adapter"]["targets"])}) \
             if meta.get("adapter") else None
-        tokenizer = Tokenizer.from_file(os.path.join(directory, TOKENIZER_FILE))
+        tokenizer = load_tokenizer(directory)
         check_tokenizer(tokenizer, cfg)
         weights = os.path.join(directory, meta["weights"]["file"])
         model = assign_weights(empty_model(cfg, adapter), load_file(weights), dtype or torch.float32, device)

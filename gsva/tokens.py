@@ -9,15 +9,18 @@ Pitfall (LISA issue #55): a Llama sentencepiece tokenizer may encode the text "[
 [29871, 32000] (a lone "▁" first), so ``tokenizer("[SEG]").input_ids[0]`` is the wrong id. Here ids come
 from the vocabulary (``token_to_id``) and slots are found by id in encoded sequences.
 
-Tiny presets use a byte-level BPE tokenizer trained offline on a small built-in corpus (deterministic,
-no hub access), saved with the checkpoint as ``tokenizer.json``.
+Two implementations of one interface (``Tokenizer``): real LLaVA weights use LLaVA's own sentencepiece model
+through ``gsva.llama_tokenizer`` (the official SLOW tokenizer path, ids identical to the official code's);
+tiny presets use a byte-level BPE tokenizer trained offline on a small built-in corpus (deterministic, no hub
+access), saved with the checkpoint as ``tokenizer.json``. Both go through the same prompt encoding
+(gsva.prompts.encode, the official ``tokenizer_image_token`` algorithm).
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
+from typing import Protocol
 
 from tokenizers import Tokenizer as Backend
 
@@ -52,8 +55,24 @@ def token_ids(cfg: GSVAConfig) -> TokenIds:
     return TokenIds(seg=base, rej=base + 1, im_start=base + 2, im_end=base + 3, image=base + 4)
 
 
-class Tokenizer:
-    """A thin wrapper over a ``tokenizers.Tokenizer``: encode with char offsets, decode, safe id lookup."""
+class Tokenizer(Protocol):
+    """What the model side needs from a tokenizer: encode with char offsets, decode, safe id lookup."""
+
+    def __len__(self) -> int: ...
+
+    def token_id(self, token: str) -> int: ...
+
+    def encode(self, text: str, add_bos: bool = True) -> tuple[list[int], list[tuple[int, int]]]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def add_token(self, token: str, special: bool) -> None: ...
+
+    def save(self, directory: str) -> None: ...
+
+
+class BPETokenizer:
+    """A thin wrapper over a ``tokenizers.Tokenizer`` (the tiny presets' built-in BPE)."""
 
     def __init__(self, backend: Backend):
         self.backend = backend
@@ -81,12 +100,18 @@ class Tokenizer:
         """Text of ``ids``; special tokens (</s>, <image>, ...) dropped, [SEG]/[REJ] kept."""
         return self.backend.decode(list(ids), skip_special_tokens=True)
 
+    def add_token(self, token: str, special: bool) -> None:
+        from tokenizers import AddedToken
+
+        added = AddedToken(token, special=special, normalized=False)
+        (self.backend.add_special_tokens if special else self.backend.add_tokens)([added])
+
     def save(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
         self.backend.save(os.path.join(directory, TOKENIZER_FILE))
 
     @classmethod
-    def from_file(cls, path: str) -> Tokenizer:
+    def from_file(cls, path: str) -> BPETokenizer:
         return cls(Backend.from_file(path))
 
     def to_json(self) -> str:
@@ -95,14 +120,12 @@ class Tokenizer:
 
 def add_gsva_tokens(tok: Tokenizer, cfg: GSVAConfig) -> Tokenizer:
     """Add GSVA's tokens in the official order (then <image>) to a base (Llama) tokenizer."""
-    from tokenizers import AddedToken
-
     t = cfg.tokens
     for token, special in ((t.seg, False), (t.rej, False), (t.im_start, True), (t.im_end, True), (t.image, True)):
-        if tok.backend.token_to_id(token) is not None:
-            continue
-        added = AddedToken(token, special=special, normalized=False)
-        (tok.backend.add_special_tokens if special else tok.backend.add_tokens)([added])
+        try:
+            tok.token_id(token)
+        except KeyError:
+            tok.add_token(token, special)
     return tok
 
 
@@ -146,7 +169,7 @@ empty other another both all any each every one part side edge corner picture ph
 """
 
 
-def build_base_bpe(cfg: GSVAConfig) -> Tokenizer:
+def build_base_bpe(cfg: GSVAConfig) -> BPETokenizer:
     """The built-in byte-level BPE before GSVA's tokens: <unk>/<s>/</s> at 0/1/2, then bytes and merges,
     cfg.llm.vocab_size - 5 tokens (deterministic: same corpus, same merges). Plays "the Llama tokenizer"."""
     from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -159,7 +182,7 @@ def build_base_bpe(cfg: GSVAConfig) -> Tokenizer:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     words = " ".join(_CORPUS.split())
     backend.train_from_iterator([words] * 2 + words.split(". "), trainer=trainer)
-    return Tokenizer(backend)
+    return BPETokenizer(backend)
 
 
 def build_builtin_tokenizer(cfg: GSVAConfig) -> Tokenizer:
@@ -173,13 +196,25 @@ def build_builtin_tokenizer(cfg: GSVAConfig) -> Tokenizer:
 
 
 def load_pretrained_tokenizer(directory: str) -> Tokenizer:
-    """A base Llama tokenizer from a local directory (tokenizer.json, else converted by transformers)."""
+    """A base Llama tokenizer from a LLaVA model folder: its sentencepiece ``tokenizer.model`` through the
+    official slow path (gsva.llama_tokenizer); a folder with only a ``tokenizer.json`` (our tiny fixtures)
+    through the BPE wrapper. A fast ``tokenizer.json`` is never used for a Llama vocabulary: its ids differ
+    from the official ones around [SEG]/[REJ] (LISA #55)."""
+    from gsva.llama_tokenizer import SPM_FILE, LlamaSentencePiece
+
+    if os.path.exists(os.path.join(directory, SPM_FILE)):
+        return LlamaSentencePiece.from_pretrained(directory)
     path = os.path.join(directory, TOKENIZER_FILE)
     if os.path.exists(path):
-        return Tokenizer.from_file(path)
-    from transformers import AutoTokenizer
+        return BPETokenizer.from_file(path)
+    raise FileNotFoundError(f"{directory} has neither {SPM_FILE} (LLaVA's sentencepiece model) nor {TOKENIZER_FILE}")
 
-    hf = AutoTokenizer.from_pretrained(directory)
-    with tempfile.TemporaryDirectory() as tmp:
-        hf.backend_tokenizer.save(os.path.join(tmp, TOKENIZER_FILE))
-        return Tokenizer.from_file(os.path.join(tmp, TOKENIZER_FILE))
+
+def load_tokenizer(directory: str) -> Tokenizer:
+    """The tokenizer saved in one of our checkpoint folders (``Tokenizer.save``), GSVA's tokens included."""
+    from gsva.llama_tokenizer import SPM_FILE, LlamaSentencePiece
+
+    if os.path.exists(os.path.join(directory, SPM_FILE)):
+        return LlamaSentencePiece.from_saved(directory)
+    return BPETokenizer.from_file(os.path.join(directory, TOKENIZER_FILE))
+

@@ -19,6 +19,8 @@ import json
 import os
 import re
 
+import sentencepiece as spm
+
 SPM_FILE = "tokenizer.model"
 ADDED_FILE = "added_tokens.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -29,8 +31,6 @@ class LlamaSentencePiece:
     """Sentencepiece model + added tokens with the slow tokenizer's splitting (see the module docstring)."""
 
     def __init__(self, model_proto: bytes, added: list[tuple[str, bool]] = ()):
-        import sentencepiece as spm
-
         self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
         self.model_proto = model_proto
         self.base = self.sp.get_piece_size()

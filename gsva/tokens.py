@@ -22,9 +22,11 @@ import os
 from dataclasses import dataclass
 from typing import Protocol
 
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as Backend
 
 from gsva.config import GSVAConfig
+from gsva.llama_tokenizer import SPM_FILE, LlamaSentencePiece
 
 TOKENIZER_FILE = "tokenizer.json"
 # Llama's first three ids; our BPE tokenizer reproduces them so HF configs can rely on them.
@@ -101,8 +103,6 @@ class BPETokenizer:
         return self.backend.decode(list(ids), skip_special_tokens=True)
 
     def add_token(self, token: str, special: bool) -> None:
-        from tokenizers import AddedToken
-
         added = AddedToken(token, special=special, normalized=False)
         (self.backend.add_special_tokens if special else self.backend.add_tokens)([added])
 
@@ -172,8 +172,6 @@ empty other another both all any each every one part side edge corner picture ph
 def build_base_bpe(cfg: GSVAConfig) -> BPETokenizer:
     """The built-in byte-level BPE before GSVA's tokens: <unk>/<s>/</s> at 0/1/2, then bytes and merges,
     cfg.llm.vocab_size - 5 tokens (deterministic: same corpus, same merges). Plays "the Llama tokenizer"."""
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
     backend = Backend(models.BPE(unk_token=None))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
@@ -200,8 +198,6 @@ def load_pretrained_tokenizer(directory: str) -> Tokenizer:
     official slow path (gsva.llama_tokenizer); a folder with only a ``tokenizer.json`` (our tiny fixtures)
     through the BPE wrapper. A fast ``tokenizer.json`` is never used for a Llama vocabulary: its ids differ
     from the official ones around [SEG]/[REJ] (LISA #55)."""
-    from gsva.llama_tokenizer import SPM_FILE, LlamaSentencePiece
-
     if os.path.exists(os.path.join(directory, SPM_FILE)):
         return LlamaSentencePiece.from_pretrained(directory)
     path = os.path.join(directory, TOKENIZER_FILE)
@@ -212,8 +208,6 @@ def load_pretrained_tokenizer(directory: str) -> Tokenizer:
 
 def load_tokenizer(directory: str) -> Tokenizer:
     """The tokenizer saved in one of our checkpoint folders (``Tokenizer.save``), GSVA's tokens included."""
-    from gsva.llama_tokenizer import SPM_FILE, LlamaSentencePiece
-
     if os.path.exists(os.path.join(directory, SPM_FILE)):
         return LlamaSentencePiece.from_saved(directory)
     return BPETokenizer.from_file(os.path.join(directory, TOKENIZER_FILE))

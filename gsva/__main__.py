@@ -107,7 +107,8 @@ def add_predict_parser(sub) -> None:
     p.add_argument("--no-target", default="", help="teacher-forced: comma list of the expression numbers "
                                                    "(1-based) that refer to nothing; the others have targets")
     p.add_argument("--max-expressions-per-prompt", type=int, default=EXPRESSIONS_PER_PROMPT,
-                   help="expressions per conversation, as the annotate job (default: %(default)s)")
+                   help="at most N expressions per conversation, as the annotate job (default: all in one, "
+                        "the GSVA protocol)")
     p.add_argument("--max-expression-chars", type=int, default=MAX_EXPRESSION_CHARS,
                    help="longer expressions are refused, as by the annotate job (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")

@@ -136,7 +136,7 @@ class GSVAConfig:
     tokens: TokensConfig = field(default_factory=TokensConfig)
     tokenizer: str = "builtin-bpe"
     conversation: str = "llava_v1"  # official conv_type: "llava_v1" (every official script) or "llava_llama_2"
-    max_expressions_per_prompt: int = 3  # K: expressions of one image per conversation
+    max_expressions_per_prompt: int = 3  # K of a training sample (official num_classes_per_sample default)
     max_new_tokens_per_expression: int = 24  # free generation budget per expression
     seed: int = 0  # random initialisation of presets
 

@@ -22,8 +22,9 @@ _MEANINGFUL = ("L", "N", "S")
 #: Longest accepted expression, after normalisation: gRefCOCO sentences are far shorter, and a 10,000-character
 #: "expression" is a prompt no GSVA model was trained on.
 MAX_EXPRESSION_CHARS = 256
-#: Expressions of one image per conversation (K) when the caller does not choose (annotate, predict).
-EXPRESSIONS_PER_PROMPT = 4
+#: Expressions of one image per conversation (K) when the caller does not choose (annotate, predict): None,
+#: every expression of the image in one conversation, as the GSVA protocol; a number caps it (long lists).
+EXPRESSIONS_PER_PROMPT: int | None = None
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,7 @@ def read_image(path: str) -> np.ndarray:
 
 
 def predict_image(predictor, image: np.ndarray, expressions: list[str], mode: str = GENERATE,
-                  no_target: list[bool] | None = None, max_expressions_per_prompt: int = EXPRESSIONS_PER_PROMPT,
+                  no_target: list[bool] | None = None, max_expressions_per_prompt: int | None = EXPRESSIONS_PER_PROMPT,
                   max_chars: int = MAX_EXPRESSION_CHARS) -> list[Answer]:
     """One Answer per expression, in order: the checked ones asked in one predictor call."""
     reserved = reserved_tokens()

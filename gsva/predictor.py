@@ -78,12 +78,12 @@ class GSVAPredictor:
     def predict(self, images: list[np.ndarray], expressions: list[list[str]], mode: str = GENERATE,
                 no_target: list[list[bool]] | None = None, max_expressions_per_prompt: int | None = None,
                 decoding: str = "forced") -> list[list[ExpressionResult]]:
-        k = max_expressions_per_prompt or self.cfg.max_expressions_per_prompt
-        self._check_args(images, expressions, mode, no_target, k, decoding)
+        """``max_expressions_per_prompt`` None: every expression of an image in one conversation (GSVA)."""
+        self._check_args(images, expressions, mode, no_target, max_expressions_per_prompt, decoding)
         prepared = prepare_images(images, self.cfg)  # validates every image (ImageError names it)
-        convs = [_Conv(i, list(range(s, min(s + k, len(exprs)))),
-                       prompts.eval_names(exprs[s:s + k], self.cfg))
-                 for i, exprs in enumerate(expressions) for s in range(0, len(exprs), k)]
+        convs = [_Conv(i, list(range(s, min(s + k, len(exprs)))), prompts.eval_names(exprs[s:s + k], self.cfg))
+                 for i, exprs in enumerate(expressions)
+                 for k in [max_expressions_per_prompt or max(1, len(exprs))] for s in range(0, len(exprs), k)]
         results: list[list[ExpressionResult | None]] = [[None] * len(e) for e in expressions]
         if not convs:
             return results  # type: ignore[return-value]
@@ -112,8 +112,8 @@ class GSVAPredictor:
             raise ValueError(f"decoding must be one of {DECODINGS}, not {decoding!r}")
         if len(images) != len(expressions):
             raise ValueError(f"{len(images)} images but {len(expressions)} expression lists")
-        if k < 1:
-            raise ValueError("max_expressions_per_prompt must be >= 1")
+        if k is not None and k < 1:
+            raise ValueError("max_expressions_per_prompt must be >= 1 (or None: all in one conversation)")
         if mode == TEACHER_FORCED:
             if no_target is None:
                 raise ValueError("teacher-forced mode needs the ground truth no_target flags")
@@ -123,6 +123,11 @@ class GSVAPredictor:
 
     def _encode(self, conv: _Conv, rejected: list[bool]) -> prompts.Encoded:
         enc = prompts.encode_eval(self.tokenizer, self.model.token_ids, conv.names, rejected, self.cfg)
+        context = self.cfg.llm.max_position_embeddings
+        if len(enc.ids) + self.cfg.max_new_tokens_per_expression > context:
+            raise ValueError(f"image {conv.image}: a conversation of {len(conv.names)} expressions takes "
+                             f"{len(enc.ids)} tokens, too close to the model's context of {context}: "
+                             "ask them in smaller groups (max_expressions_per_prompt)")
         if len(enc.slots) != len(conv.names):
             raise ValueError(f"image {conv.image}: {len(enc.slots)} slots for {len(conv.names)} expressions")
         return enc

@@ -47,7 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=Scheduling.batch_size,
                    help="images per model call, each with all its expressions (default: %(default)s)")
     p.add_argument("--max-expressions-per-prompt", type=int, default=AnnotateConfig.max_expressions_per_prompt,
-                   help="expressions of one image per conversation (default: %(default)s)")
+                   help="at most N expressions of one image per conversation (default: all of them in one, "
+                        "the GSVA protocol; a cap only for images whose list would overflow the context)")
     p.add_argument("--max-expression-chars", type=int, default=InputLimits.max_expression_chars,
                    help="longer expressions become error rows (default: %(default)s)")
     p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (else AWS_ENDPOINT_URL / AWS default)")

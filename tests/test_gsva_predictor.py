@@ -45,11 +45,12 @@ def forced_predictor(images):
 
 def test_generate_and_teacher_forced_agree_on_forced_answer(forced_predictor, images):
     p = forced_predictor
-    gen = p.predict(images, EXPRESSIONS)
+    gen = p.predict(images, EXPRESSIONS, max_expressions_per_prompt=3)
     decisions = [[r.decision for r in rs] for rs in gen]
     assert decisions[0][:2] == ["seg", "rej"]  # mixed, as forced by construction
     assert all(d in ("seg", "rej") for ds in decisions for d in ds)
-    tf = p.predict(images, EXPRESSIONS, mode="teacher-forced", no_target=[[d == "rej" for d in ds] for ds in decisions])
+    tf = p.predict(images, EXPRESSIONS, mode="teacher-forced", no_target=[[d == "rej" for d in ds] for ds in decisions],
+                   max_expressions_per_prompt=3)
     for g_img, t_img, image in zip(gen, tf, images):
         for g, t in zip(g_img, t_img):
             assert isinstance(g, ExpressionResult) and g.forced_mask is None
@@ -64,6 +65,10 @@ def test_generate_and_teacher_forced_agree_on_forced_answer(forced_predictor, im
     # K=3: image 0 is asked in two conversations; "Sure,a:[SEG], b:[REJ], c:..." for the first (official form)
     assert gen[0][0].answer.startswith("Sure,the red circle:[SEG], all blue shapes:[REJ], the leftmost square:")
     assert gen[0][3].answer.startswith("Sure,the green triangle:")
+    # by default (the GSVA protocol) all four expressions of image 0 share one conversation
+    together = p.predict(images, EXPRESSIONS)[0]
+    assert len({r.answer for r in together}) == 1 and "[REJ], the leftmost square:" in together[0].answer
+    assert together[0].answer.count(", ") == 3 and together[0].answer.startswith("Sure,the red circle:")
 
 
 def test_batched_with_padding_equals_one_image_at_a_time(forced_predictor, images):

@@ -79,7 +79,7 @@ class AnnotateConfig:
     output: str
     checkpoint: str = "tiny"
     mode: str = "generate"
-    max_expressions_per_prompt: int = EXPRESSIONS_PER_PROMPT
+    max_expressions_per_prompt: int | None = EXPRESSIONS_PER_PROMPT
     limits: InputLimits = field(default_factory=InputLimits)
     scheduling: Scheduling = field(default_factory=Scheduling)
     storage: StorageOptions = field(default_factory=StorageOptions)
@@ -93,7 +93,7 @@ class AnnotateConfig:
             raise ConfigError("--output is required")
         if self.mode not in MODES:
             raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.max_expressions_per_prompt < 1:
+        if self.max_expressions_per_prompt is not None and self.max_expressions_per_prompt < 1:
             raise ConfigError(f"--max-expressions-per-prompt must be >= 1, got {self.max_expressions_per_prompt}")
         if self.overwrite and self.retry_errors:
             raise ConfigError("--overwrite starts afresh, --retry-errors re-runs errors of an existing output: "

@@ -34,7 +34,7 @@ class ModelSpec:
 
     checkpoint: str
     mode: str
-    max_expressions_per_prompt: int
+    max_expressions_per_prompt: int | None
     storage: StorageOptions
     use_gpu: bool = False
     expected_model_id: str | None = None  # the fingerprint's identity; a replica loading other weights fails

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from gsva.predictor import GSVAPredictor  # noqa: E402
-from pipeline.images import decode_image  # noqa: E402
+from pipeline.images import decode_image, read_image_bytes  # noqa: E402
 from pipeline.score.metrics import ScoreStats, score_expressions  # noqa: E402
 from pipeline.train.data import labelled  # noqa: E402
 from pipeline.train.validation import REPORTED, expression_inputs  # noqa: E402
@@ -44,7 +44,8 @@ def load_rows(path: str, n: int) -> tuple[list[np.ndarray], list[list[dict]]]:
     for row in pq.read_table(path).to_pylist():
         usable = labelled(row["expressions"])
         if usable:
-            images.append(decode_image(row["image"], name=str(row["image_id"])))
+            data = row["image"] or read_image_bytes(row["image_uri"])
+            images.append(decode_image(data, name=str(row["image_id"])))
             exprs.append(usable)
         if len(images) == n:
             break

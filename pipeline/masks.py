@@ -95,3 +95,101 @@ def intersection_union(pred: Sequence[RLE], gt: Sequence[RLE]) -> tuple[np.ndarr
         uni[i] = a_p + a_g - inter[i]
     return inter, uni
 
+
+
+#: pycocotools stores counts as uint32; a run needs at most 7 characters of 5 bits (35 bits with the sign).
+_MAX_RUN = 2**32 - 1
+_MAX_CHARS_PER_RUN = 7
+#: Characters validated at once (~50 bytes of numpy arrays each): bounds the memory of a block of masks.
+_CHUNK_CHARS = 2**21
+
+
+def rle_problems(counts: Sequence[bytes | str | None], height: np.ndarray, width: np.ndarray) -> list[str | None]:
+    """Why each compressed RLE is unusable, or None where it is valid; a null `counts` is None (no mask).
+
+    Validated in numpy before pycocotools ever sees the string, because pycocotools' parser trusts it: a
+    string ending mid-number is read past its end, and counts that do not add up to h*w make decode write
+    past the mask (a hang or a crash, not an error). The string is COCO's LEB128-like form: per run, 5-bit
+    groups (character - 48), bit 0x20 = "more groups follow", bit 0x10 of the last group = negative; runs
+    from the fourth on are deltas to the run two before. Valid: characters in '0'..'o', no run cut off at the
+    end, at most 7 groups per run, every decoded run in [0, 2**32), and the runs adding up to h*w >= 0.
+    """
+    height, width = np.asarray(height, np.int64), np.asarray(width, np.int64)
+    out: list[str | None] = [None] * len(counts)
+    data = [c.encode("utf-8", "surrogatepass") if isinstance(c, str) else c for c in counts]
+    rows = []
+    for i, c in enumerate(data):
+        if c is None:
+            continue
+        if height[i] < 0 or width[i] < 0:
+            out[i] = f"negative size {[int(height[i]), int(width[i])]}"
+        elif not c:
+            if height[i] * width[i] != 0:
+                out[i] = f"counts add up to 0 pixels, not h*w = {int(height[i] * width[i])}"
+        else:
+            rows.append(i)
+    # Bounded memory: at most about _CHUNK_CHARS characters are validated at a time.
+    chunk_of = np.cumsum([len(data[i]) for i in rows], dtype=np.int64) // _CHUNK_CHARS
+    edges = np.searchsorted(chunk_of, np.unique(chunk_of)).tolist() + [len(rows)]
+    for a, b in zip(edges, edges[1:]):
+        part = rows[a:b]
+        for i, problem in zip(part, _run_problems([data[i] for i in part], height[part] * width[part])):
+            out[i] = problem
+    return out
+
+
+def _run_problems(strings: list[bytes], area: np.ndarray) -> list[str | None]:
+    """`rle_problems` of non-empty counts strings, vectorised over all their characters."""
+    n = len(strings)
+    lengths = np.array([len(c) for c in strings], np.int64)
+    chars = np.frombuffer(b"".join(strings), np.uint8).astype(np.int64) - 48
+    owner = np.repeat(np.arange(n), lengths)  # the string of each character
+
+    def any_per_string(flags: np.ndarray, of: np.ndarray) -> np.ndarray:
+        return np.bincount(of[flags], minlength=n) > 0
+
+    bad_char = any_per_string((chars < 0) | (chars > 63), owner)
+    more = (chars & 0x20) != 0
+    ends = np.cumsum(lengths)
+    cut = more[ends - 1]  # the last character says "more groups follow"
+    # Runs end at each character without the "more" bit, and at each string's end (runs cut off there are
+    # already marked), so no run spans two strings.
+    last = ~more
+    last[ends - 1] = True
+    run_end = np.flatnonzero(last)
+    run_start = np.r_[0, run_end[:-1] + 1]
+    run_len = run_end - run_start + 1
+    run_owner = owner[run_end]
+    group = np.arange(len(chars)) - np.repeat(run_start, run_len)  # position of each character in its run
+    value = np.add.reduceat((chars & 0x1F) << np.minimum(5 * group, 40), run_start)
+    negative = (chars[run_end] & 0x10) != 0
+    value = np.where(negative, value - (np.int64(1) << np.minimum(5 * run_len, 40)), value)
+    # Deltas: run k >= 3 of a string adds run k-2, so each parity chain (k = 1, 3, 5... and k = 2, 4, ...) is
+    # a running sum within its string (a global running sum minus its value where the string starts).
+    first_run = np.r_[0, np.cumsum(np.bincount(run_owner, minlength=n))[:-1]]
+    k = np.arange(len(run_owner)) - first_run[run_owner]
+    decoded = value.copy()
+    for parity in (1, 0):
+        chain = (k > 0) & (k % 2 == parity)
+        running = np.cumsum(np.where(chain, value, 0))
+        decoded[chain] = (running - running[first_run][run_owner])[chain]
+    bad_run = any_per_string((run_len > _MAX_CHARS_PER_RUN) | (decoded < 0) | (decoded > _MAX_RUN), run_owner)
+    total = np.bincount(run_owner, weights=np.clip(decoded, 0, _MAX_RUN).astype(np.float64), minlength=n)
+    wrong_sum = total.astype(np.int64) != area
+    out: list[str | None] = [None] * n
+    for j in np.flatnonzero(bad_char | cut | bad_run | wrong_sum):
+        out[j] = ("counts hold characters outside COCO's RLE alphabet" if bad_char[j]
+                  else "counts end in the middle of a run" if cut[j]
+                  else "counts hold a run outside [0, 2**32)" if bad_run[j]
+                  else f"counts add up to {int(total[j])} pixels, not h*w = {int(area[j])}")
+    return out
+
+
+def rle_problem(rle: RLE | None) -> str | None:
+    """`rle_problems` for one RLE dict (None: no mask, no problem); a size that is not [h, w] is a problem."""
+    if rle is None or rle.get("counts") is None:
+        return None
+    size = rle.get("size")
+    if size is None or len(size) != 2:
+        return f"size {size!r} is not [height, width]"
+    return rle_problems([rle["counts"]], np.array([size[0]]), np.array([size[1]]))[0]

@@ -181,3 +181,45 @@ def test_wrong_column_types_message(hostile, tmp_path, capsys):
     assert len(lines) == 1 and "all-00001.parquet" in lines[0]
     assert "image_id: int64 (expected string)" in lines[0]
     assert not ours(out.err) and "Traceback" not in out.err + out.out
+
+
+def test_train_and_score_treat_flagged_rows_sensibly(ray_local, tmp_path):
+    """Flagged rows of a ground-truth dataset (a missing image, a path leaving the root): train skips and counts
+    them without reading anything; score counts their error predictions against the model, no crash."""
+    import random
+
+    from jobs import score as score_job
+    from pipeline.train.data import EpochStats, iterate_rows, sample_batches, task_dataset
+    from tests import coco_samples as cs
+
+    root = cs.write_grefcoco(tmp_path / "grefcoco")
+    tasks = tmp_path / "tasks"
+    assert prepare_main(["--format", "grefcoco", "--root", str(root), "--out", str(tasks), "--embed-images"]) == 0
+    rows = [r for f in list_shards(str(tasks)) for r in pq.read_table(f).to_pylist()]
+    flagged = {r["image_id"] for r in rows if r["error"]}
+    assert flagged == {"3", "5"}
+
+    stats = EpochStats()
+    batches = list(sample_batches(iterate_rows(task_dataset(str(tasks), "testA", shuffle_blocks=False), 0),
+                                  batch_size=1, k=2, rng=random.Random(0), stats=stats))
+    assert stats.images == 1 and stats.skipped_images == 2 and len(batches) == 1
+    assert "missing image" in stats.first_error or "escapes" in stats.first_error
+
+    # Predictions as annotate writes them: a perfect mask for every usable expression, an error row per flagged one.
+    preds = []
+    for r in rows:
+        for e in r["expressions"]:
+            ok = not r["error"]
+            preds.append({"expression_id": e["expression_id"], "image_id": r["image_id"], "dataset": r["dataset"],
+                          "split": r["split"], "rejected": bool(e["no_target"]) if ok else None,
+                          "mask": e["gt_mask"] if ok else None, "status": STATUS_OK if ok else STATUS_ERROR,
+                          "error": None if ok else r["error"]})
+    (tmp_path / "pred").mkdir()
+    pq.write_table(pa.Table.from_pylist(preds), tmp_path / "pred" / "p.parquet")
+    out = tmp_path / "report"
+    assert score_job.main(["--predictions", str(tmp_path / "pred"), "--ground-truth", str(tasks),
+                           "--out", str(out)]) == 0
+    doc = json.loads((out / "metrics.json").read_text())
+    n_flagged = sum(len(r["expressions"]) for r in rows if r["error"])
+    assert doc["inputs"]["counts"]["error_status"] == n_flagged == doc["overall"]["errors"]
+    assert doc["overall"]["count"] == len(preds)

@@ -214,11 +214,15 @@ def read_image_bytes(uri: str, storage: StorageOptions | None = None, max_bytes:
     fs, path = filesystem(uri, storage)
     if is_local(uri):
         return _read_local(uri, path, max_bytes)
-    _remote_size(fs, uri, path, max_bytes)
     try:
         with fs.open(path, "rb") as f:
+            size = getattr(f, "size", None)  # from the open's own metadata request: no second round trip
+            if size is not None and size > max_bytes:
+                raise _too_large(uri, int(size), max_bytes)
             data = f.read(max_bytes + 1)
-    except FileNotFoundError as exc:
+    except ImageError:
+        raise
+    except (FileNotFoundError, IsADirectoryError) as exc:
         raise ImageError(f"{uri}: missing image (no such file)", "missing image") from exc
     except Exception as exc:  # re-raised with a clear, credential-free message
         raise StorageError(describe_error(uri, exc)) from exc

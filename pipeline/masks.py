@@ -34,7 +34,11 @@ def encode(mask: np.ndarray) -> RLE:
 
 
 def decode(rle: RLE) -> np.ndarray:
-    """Compressed RLE -> (H, W) bool array."""
+    """Compressed RLE -> (H, W) bool array; ValueError naming the problem for an invalid RLE (`rle_problem`),
+    which pycocotools would read past its end."""
+    problem = rle_problem(rle)
+    if problem is not None:
+        raise ValueError(f"invalid RLE mask: {problem}")
     return mask_utils.decode(_to_coco(rle)).astype(bool)
 
 
@@ -73,7 +77,11 @@ def from_segmentation(segmentation, height: int, width: int) -> RLE:
     if isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):
         return _from_coco(mask_utils.frPyObjects(segmentation, height, width))
     if isinstance(segmentation, dict) and "counts" in segmentation:
-        return _from_coco(_to_coco(segmentation))
+        rle = _from_coco(_to_coco(segmentation))
+        problem = rle_problem(rle)
+        if problem is not None:  # a source file's RLE is validated before pycocotools merges it
+            raise ValueError(f"invalid compressed RLE: {problem}")
+        return rle
     raise ValueError(f"unrecognised COCO segmentation of type {type(segmentation).__name__}")
 
 

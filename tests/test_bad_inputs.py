@@ -223,3 +223,10 @@ def test_train_and_score_treat_flagged_rows_sensibly(ray_local, tmp_path):
     n_flagged = sum(len(r["expressions"]) for r in rows if r["error"])
     assert doc["inputs"]["counts"]["error_status"] == n_flagged == doc["overall"]["errors"]
     assert doc["overall"]["count"] == len(preds)
+
+
+def test_byte_limit_options_are_validated(tmp_path, capsys):
+    assert annotate_job.main(["--max-image-bytes", "0", "--input", str(tmp_path)]) == annotate_job.EXIT_REFUSED
+    assert "image limits must be positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        prepare_main(["--format", "manifest", "--root", "m.jsonl", "--out", str(tmp_path), "--max-image-bytes", "0"])

@@ -319,3 +319,32 @@ def test_missing_columns_are_named():
         scoring.ScoreConfig("p", "g", protocol="lisa")
     with pytest.raises(ValueError, match="--by"):
         scoring.ScoreConfig("p", "g", by=("image",))
+
+
+@pytest.mark.timeout(60)
+def test_rle_validation_matches_pycocotools_and_refuses_garbage():
+    """Every RLE pycocotools writes is valid; every string the validator accepts decodes to h x w with pycocotools;
+    garbage (bytes outside the alphabet, a run cut off, counts not adding up to h*w, a negative size) is refused
+    before pycocotools could read past it."""
+    rng = np.random.default_rng(7)
+    written = [masks.encode(rng.random((int(h), int(w))) < rng.random()) for h, w in rng.integers(1, 40, (200, 2))]
+    heights, widths = np.array([r["size"][0] for r in written]), np.array([r["size"][1] for r in written])
+    assert masks.rle_problems([r["counts"] for r in written], heights, widths) == [None] * len(written)
+    accepted = 0
+    for _ in range(3000):
+        counts = bytes(rng.integers(48, 112, int(rng.integers(0, 8))).astype(np.uint8))
+        h, w = (int(v) for v in rng.integers(0, 5, 2))
+        if masks.rle_problems([counts], np.array([h]), np.array([w]))[0] is None:
+            accepted += 1
+            assert masks.decode({"size": [h, w], "counts": counts.decode()}).shape == (h, w)
+    assert accepted > 100
+    for rle, problem in (({"size": [5, 7], "counts": "0"}, "add up to 0 pixels, not h*w = 35"),
+                         ({"size": [5, 7], "counts": "PPP\x7f~"}, "outside COCO's RLE alphabet"),
+                         ({"size": [5, 7], "counts": "PPP"}, "middle of a run"),
+                         ({"size": [-5, 7], "counts": "0"}, "negative size"),
+                         ({"size": [5], "counts": "0"}, "not [height, width]"),
+                         ({"size": [6, 7], "counts": masks.empty(5, 7)["counts"]}, "not h*w = 42")):
+        assert problem in masks.rle_problem(rle), rle
+        with pytest.raises(ValueError, match="invalid RLE"):
+            masks.decode(rle)
+    assert masks.rle_problem(None) is None and masks.rle_problem({"size": [0, 0], "counts": ""}) is None

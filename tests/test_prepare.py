@@ -88,6 +88,14 @@ def test_manifest_referenced_and_embedded(ray_local, tmp_path):
     summary = json.loads((tmp_path / "emb" / SUMMARY_FILE).read_text())
     assert summary["skipped"] == {} and set(summary["flagged"]) == {"not an image", "missing image"}
     assert "not an image" in emb[1]["error"] and "missing image" in emb[2]["error"]
+    # The byte cap (checked with a stat, before reading) flags a.png in both modes, the 9-byte file passes.
+    cap = str((tmp_path / "imgs" / "a.png").stat().st_size - 1)
+    for mode, code in (([], 0), (["--embed-images"], 1)):  # embedded: no usable image left -> exit 1
+        out = tmp_path / f"cap{len(mode)}"
+        assert main(["--format", "manifest", "--root", str(manifest), "--out", str(out), "--max-image-bytes", cap,
+                     *mode]) == code
+        capped = {r["image_id"]: r["error"] for r in _rows(out)}
+        assert "exceeds the limit" in capped["imgs/a.png"], mode
     exploded = explode_expressions(emb[0])
     assert [e["text"] for e in exploded] == ["the void", "x"]
     assert all(e["image_id"] == "imgs/a.png" and e["width"] == 14 and e["gt_mask"] is None for e in exploded)

@@ -48,7 +48,8 @@ EXAMPLES_PER_REASON = 5
 
 @dataclass
 class SkipReport:
-    """What was skipped and why: per reason, how many items and expressions, and a few named examples."""
+    """What was skipped (or, with action "flagged", kept as error rows) and why: per reason, how many items and
+    expressions, and a few named examples."""
 
     items: Counter = field(default_factory=Counter)
     expressions: Counter = field(default_factory=Counter)

@@ -123,67 +123,73 @@ def rle_problems(counts: Sequence[bytes | str | None], height: np.ndarray, width
     end, at most 7 groups per run, every decoded run in [0, 2**32), and the runs adding up to h*w >= 0.
     """
     height, width = np.asarray(height, np.int64), np.asarray(width, np.int64)
-    out: list[str | None] = [None] * len(counts)
     data = [c.encode("utf-8", "surrogatepass") if isinstance(c, str) else c for c in counts]
-    rows = []
-    for i, c in enumerate(data):
-        if c is None:
-            continue
-        if height[i] < 0 or width[i] < 0:
-            out[i] = f"negative size {[int(height[i]), int(width[i])]}"
-        elif not c:
-            if height[i] * width[i] != 0:
-                out[i] = f"counts add up to 0 pixels, not h*w = {int(height[i] * width[i])}"
-        else:
-            rows.append(i)
+    lengths = np.fromiter((-1 if c is None else len(c) for c in data), np.int64, len(data))
+    negative = (lengths >= 0) & ((height < 0) | (width < 0))
+    area = height * width
+    out: list[str | None] = [None] * len(data)
+    for i in np.flatnonzero(negative):
+        out[i] = f"negative size {[int(height[i]), int(width[i])]}"
+    for i in np.flatnonzero((lengths == 0) & ~negative & (area != 0)):
+        out[i] = f"counts add up to 0 pixels, not h*w = {int(area[i])}"
+    rows = np.flatnonzero((lengths > 0) & ~negative)
     # Bounded memory: at most about _CHUNK_CHARS characters are validated at a time.
-    chunk_of = np.cumsum([len(data[i]) for i in rows], dtype=np.int64) // _CHUNK_CHARS
+    chunk_of = np.cumsum(lengths[rows]) // _CHUNK_CHARS
     edges = np.searchsorted(chunk_of, np.unique(chunk_of)).tolist() + [len(rows)]
     for a, b in zip(edges, edges[1:]):
         part = rows[a:b]
-        for i, problem in zip(part, _run_problems([data[i] for i in part], height[part] * width[part])):
-            out[i] = problem
+        for i, problem in zip(part.tolist(), _run_problems([data[i] for i in part], area[part])):
+            if problem is not None:
+                out[i] = problem
     return out
 
 
 def _run_problems(strings: list[bytes], area: np.ndarray) -> list[str | None]:
-    """`rle_problems` of non-empty counts strings, vectorised over all their characters."""
+    """`rle_problems` of non-empty counts strings, vectorised over all their characters (uint8 where possible:
+    most runs are one character, so per-character work is a few byte-wide passes)."""
     n = len(strings)
-    lengths = np.array([len(c) for c in strings], np.int64)
-    chars = np.frombuffer(b"".join(strings), np.uint8).astype(np.int64) - 48
-    owner = np.repeat(np.arange(n), lengths)  # the string of each character
-
-    def any_per_string(flags: np.ndarray, of: np.ndarray) -> np.ndarray:
-        return np.bincount(of[flags], minlength=n) > 0
-
-    bad_char = any_per_string((chars < 0) | (chars > 63), owner)
-    more = (chars & 0x20) != 0
+    lengths = np.fromiter(map(len, strings), np.int64, n)
+    raw = np.frombuffer(b"".join(strings), np.uint8)
     ends = np.cumsum(lengths)
+    starts = ends - lengths
+
+    def per_string(flags: np.ndarray, first: np.ndarray, stop: np.ndarray) -> np.ndarray:
+        """How many flags are set in each [first, stop) slice (a prefix-sum difference, no Python loop)."""
+        prefix = np.zeros(len(flags) + 1, np.int64)
+        np.cumsum(flags, out=prefix[1:])
+        return prefix[stop] - prefix[first]
+
+    bad_char = per_string((raw < 48) | (raw > 111), starts, ends) > 0
+    more = raw >= 80  # (character - 48) & 0x20 for characters in the alphabet
     cut = more[ends - 1]  # the last character says "more groups follow"
-    # Runs end at each character without the "more" bit, and at each string's end (runs cut off there are
-    # already marked), so no run spans two strings.
     last = ~more
-    last[ends - 1] = True
+    last[ends - 1] = True  # runs never span two strings (a run cut off there is already marked)
+    runs_per = per_string(last, starts, ends)
+    first_run = np.cumsum(runs_per) - runs_per
     run_end = np.flatnonzero(last)
-    run_start = np.r_[0, run_end[:-1] + 1]
-    run_len = run_end - run_start + 1
-    run_owner = owner[run_end]
-    group = np.arange(len(chars)) - np.repeat(run_start, run_len)  # position of each character in its run
-    value = np.add.reduceat((chars & 0x1F) << np.minimum(5 * group, 40), run_start)
-    negative = (chars[run_end] & 0x10) != 0
-    value = np.where(negative, value - (np.int64(1) << np.minimum(5 * run_len, 40)), value)
+    run_owner = np.repeat(np.arange(n), runs_per)
+    run_len = np.diff(np.r_[-1, run_end])  # runs tile the characters, string after string
+    tail = (raw[run_end].astype(np.int64) - 48) & 0x3F  # each run's last group
+    value = (tail & 0x1F) << np.minimum(5 * (run_len - 1), 40)
+    continued = np.flatnonzero(~last)  # the rare earlier groups of multi-character runs
+    if len(continued):
+        run = np.searchsorted(run_end, continued)
+        shift = np.minimum(5 * (continued - (run_end[run] - run_len[run] + 1)), 40)
+        value += np.bincount(run, weights=((raw[continued].astype(np.int64) - 48) & 0x1F) << shift,
+                             minlength=len(run_end)).astype(np.int64)
+    value -= np.where(tail & 0x10, np.int64(1) << np.minimum(5 * run_len, 40), 0)  # negative runs
     # Deltas: run k >= 3 of a string adds run k-2, so each parity chain (k = 1, 3, 5... and k = 2, 4, ...) is
     # a running sum within its string (a global running sum minus its value where the string starts).
-    first_run = np.r_[0, np.cumsum(np.bincount(run_owner, minlength=n))[:-1]]
-    k = np.arange(len(run_owner)) - first_run[run_owner]
+    k = np.arange(len(run_end)) - first_run[run_owner]
     decoded = value.copy()
     for parity in (1, 0):
-        chain = (k > 0) & (k % 2 == parity)
+        chain = (k > 0) & ((k & 1) == parity)
         running = np.cumsum(np.where(chain, value, 0))
         decoded[chain] = (running - running[first_run][run_owner])[chain]
-    bad_run = any_per_string((run_len > _MAX_CHARS_PER_RUN) | (decoded < 0) | (decoded > _MAX_RUN), run_owner)
-    total = np.bincount(run_owner, weights=np.clip(decoded, 0, _MAX_RUN).astype(np.float64), minlength=n)
-    wrong_sum = total.astype(np.int64) != area
+    bad_run = per_string((run_len > _MAX_CHARS_PER_RUN) | (decoded < 0) | (decoded > _MAX_RUN),
+                         first_run, first_run + runs_per) > 0
+    total = np.add.reduceat(np.clip(decoded, 0, _MAX_RUN), first_run)
+    wrong_sum = total != area
     out: list[str | None] = [None] * n
     for j in np.flatnonzero(bad_char | cut | bad_run | wrong_sum):
         out[j] = ("counts hold characters outside COCO's RLE alphabet" if bad_char[j]

@@ -93,7 +93,7 @@ def test_job_refuses_bad_inputs(shards, tmp_path, capsys):
     code = score_job.main(["--predictions", str(bad), "--ground-truth", str(root / "gt"),
                            "--out", str(tmp_path / "out")])
     assert code == 2
-    assert "lack column(s) ['rejected', 'mask']" in capsys.readouterr().err
+    assert "bad.parquet lacks the column(s) ['rejected', 'mask']" in capsys.readouterr().err
     code = score_job.main(["--predictions", str(tmp_path / "nowhere"), "--ground-truth", str(root / "gt"),
                            "--out", str(tmp_path / "out")])
     assert code == 2 and "does not exist" in capsys.readouterr().err

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from pipeline.parquet import READ_TASK_CPUS
-from pipeline.schemas import PREDICTION_SCHEMA, TASK_OPTIONAL, TASK_SCHEMA, missing_columns, type_problems
+from pipeline.parquet import READ_TASK_CPUS, check_schema
+from pipeline.schemas import PREDICTION_SCHEMA, TASK_OPTIONAL, TASK_SCHEMA
 from pipeline.score import metrics
 from pipeline.score.blocks import (
     GT_COLUMNS,
@@ -129,22 +129,16 @@ def check_inputs(cfg: ScoreConfig) -> PredictionColumns:
     Predictions need expression_id, rejected, mask; `PREDICTION_OPTIONAL` columns are read where present.
     """
     for uri, schema in _schemas(cfg.ground_truth, cfg.storage):
-        missing = missing_columns(schema, GT_SCHEMA)
-        if missing:
-            raise ValueError(f"ground truth {uri} lacks column(s) {missing}")
-        wrong = type_problems(schema, GT_SCHEMA, TASK_OPTIONAL)
-        if wrong:
-            raise ValueError(f"ground truth {uri} has column(s) of the wrong type: {'; '.join(wrong)}")
+        problem = check_schema(uri, schema, GT_SCHEMA, TASK_OPTIONAL)
+        if problem is not None:
+            raise ValueError(f"ground truth {problem}")
     present: set[str] = set()
     by_dataset = True
     expected = pa.schema([PREDICTION_SCHEMA.field(c) for c in PREDICTION_REQUIRED + PREDICTION_OPTIONAL])
     for uri, schema in _schemas(cfg.predictions, cfg.storage):
-        missing = [c for c in PREDICTION_REQUIRED if c not in schema.names]
-        if missing:
-            raise ValueError(f"predictions {uri} lack column(s) {missing}")
-        wrong = type_problems(schema, expected)
-        if wrong:
-            raise ValueError(f"predictions {uri} have column(s) of the wrong type: {'; '.join(wrong)}")
+        problem = check_schema(uri, schema, expected, tuple(PREDICTION_OPTIONAL))
+        if problem is not None:
+            raise ValueError(f"predictions {problem}")
         present |= set(schema.names)
         by_dataset = by_dataset and "dataset" in schema.names
     return PredictionColumns(tuple(c for c in PREDICTION_REQUIRED + PREDICTION_OPTIONAL if c in present), by_dataset)

@@ -50,9 +50,10 @@ class Masks:
         if has_size.any():
             flat = pc.list_flatten(pc.filter(size, pa.array(has_size)))
             hw[has_size] = pc.fill_null(flat, -1).to_numpy(zero_copy_only=False).reshape(-1, 2)
-        data = [d if ok else None for d, ok in zip(counts.cast(pa.binary()).to_pylist(), has_size)]
-        problems = rle_problems(data, hw[:, 0], hw[:, 1])
+        binary = counts.cast(pa.binary())
+        problems = rle_problems(binary, hw[:, 0], hw[:, 1])  # from the Arrow buffers: no per-mask objects
         usable = has_size & np.array([p is None for p in problems], dtype=bool)
+        data = binary.to_pylist()
         hw[~usable] = 0
         return cls([d if ok else None for d, ok in zip(data, usable)], hw[:, 0], hw[:, 1], valid & ~usable)
 

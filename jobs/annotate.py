@@ -14,6 +14,7 @@ from pathlib import Path
 
 from gsva.config import MODES
 from pipeline.annotate.config import AnnotateConfig, ConfigError, InputLimits, Scheduling, parse_replicas
+from pipeline.images import DEFAULT_MAX_BYTES, ImageLimits
 from pipeline.storage import StorageOptions, join
 
 DEFAULT_TASKS = Path("data/shapes-gres/tasks")
@@ -51,6 +52,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "the GSVA protocol; a cap only for images whose list would overflow the context)")
     p.add_argument("--max-expression-chars", type=int, default=InputLimits.max_expression_chars,
                    help="longer expressions become error rows (default: %(default)s)")
+    p.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_BYTES,
+                   help="larger referenced image files become error rows, checked before reading "
+                        "(default: %(default)s = 64 MiB)")
     p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (else AWS_ENDPOINT_URL / AWS default)")
     p.add_argument("--overwrite", action="store_true", help="discard the output's earlier predictions first")
     p.add_argument("--retry-errors", action="store_true", help="re-run only the rows that ended in error")
@@ -63,7 +67,8 @@ def build_config(args: argparse.Namespace) -> AnnotateConfig:
     return AnnotateConfig(
         input=args.input or str(DEFAULT_TASKS), output=args.output, checkpoint=checkpoint,
         mode=args.mode, max_expressions_per_prompt=args.max_expressions_per_prompt,
-        limits=InputLimits(max_expression_chars=args.max_expression_chars),
+        limits=InputLimits(max_expression_chars=args.max_expression_chars,
+                           image=ImageLimits(max_bytes=args.max_image_bytes)),
         scheduling=Scheduling(min_replicas=lo, max_replicas=hi, gpus_per_replica=args.gpus_per_replica,
                               cpus_per_replica=args.cpus_per_replica, decode_tasks=args.decode_tasks,
                               batch_size=args.batch_size),
@@ -103,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = build_config(args)
-    except ConfigError as exc:
+    except ValueError as exc:  # ConfigError, or a limit refused by its own config class
         print(f"annotate: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     ensure_ray()  # before prepare, so the default dataset's generation joins the same (4+ CPU) cluster

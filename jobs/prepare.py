@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.images import DEFAULT_MAX_PIXELS, ImageLimits
+from pipeline.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageLimits
 from pipeline.prepare.formats.sources import FORMATS, SourceConfig
 from pipeline.prepare.graph import DEFAULT_ROWS_PER_FILE, SHAPES_RAW_DIR, PrepareConfig
 from pipeline.storage import StorageError, StorageOptions, join
@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store image bytes in the shards (opened and validated) instead of only image_uri")
     p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help="with --embed-images: larger images are refused as decompression bombs")
+    p.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_BYTES,
+                   help="larger image files are flagged (checked before reading; default %(default)s = 64 MiB)")
     p.add_argument("--s3-endpoint", help="endpoint of an S3-compatible store (else AWS_ENDPOINT_URL / AWS)")
     p.add_argument("--num-cpus", type=int,
                    help="logical CPUs of the local Ray cluster (default: max(4, cores); ignored with RAY_ADDRESS)")
@@ -52,7 +54,8 @@ def build_configs(args: argparse.Namespace) -> tuple[SourceConfig, PrepareConfig
                           split_by=args.split_by, num_images=args.num_images, seed=args.seed)
     config = PrepareConfig(out=args.out, rows_per_file=args.rows_per_file, embed_images=args.embed_images,
                            storage=StorageOptions(s3_endpoint=args.s3_endpoint),
-                           image_limits=ImageLimits(max_pixels=args.max_image_pixels), splits=splits)
+                           image_limits=ImageLimits(max_pixels=args.max_image_pixels,
+                                                    max_bytes=args.max_image_bytes), splits=splits)
     return source, config
 
 
@@ -75,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prepare failed: {exc}", file=sys.stderr)
         return 2
     print(result.summary_text(source.dataset))
-    if result.rows == 0:
-        print("prepare failed: no image could be converted (see the skipped items above)", file=sys.stderr)
+    if result.usable_rows == 0:
+        print("prepare failed: no image could be converted (see the flagged and skipped items above)",
+              file=sys.stderr)
         return 1
     return 0
 

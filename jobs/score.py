@@ -54,10 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     written = write_report(cfg, result, args.out, baseline=args.baseline)
     doc = written["document"]
     o = doc["overall"]
-    print(f"scored {o['count']} expressions ({o['errors']} errors) with the {cfg.protocol} protocol: "
+    counts = doc["inputs"]["counts"]
+    print(f"scored {o['count']} expressions ({o['errors']} errors, {counts['bad_masks']} unusable masks) with the "
+          f"{cfg.protocol} protocol: "
           f"gIoU {percent(o['giou'])}  cIoU {percent(o['ciou'])}  N-acc {percent(o['n_acc'])}  "
           f"T-acc {percent(o['t_acc'])}  ->  {args.out}")
-    counts = doc["inputs"]["counts"]
     if cfg.protocol == "gsva" and counts["forced_mask_missing"]:
         print(f"score: warning: {counts['forced_mask_missing']} rejected targets have no forced_mask (not "
               f"teacher-forced predictions?); they score as empty masks", file=sys.stderr)

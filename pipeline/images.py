@@ -1,26 +1,35 @@
-"""Encoded image bytes -> RGB uint8 (H, W, 3), with one clear reason for every image that cannot be used.
+"""Referenced image files -> bytes -> RGB uint8 (H, W, 3), with one clear reason for every image that cannot be used.
 
-Every stage that needs pixels (prepare when embedding, annotate) decodes through `decode_image`, so a
-16-bit PNG, a CMYK JPEG or a phone photo with an EXIF rotation look the same everywhere. Limits are a
-frozen config (`ImageLimits`) instead of Pillow's module-global `MAX_IMAGE_PIXELS`.
+Every stage that needs an image reads it through `read_image_bytes` (or checks it without reading through
+`check_image_file`) and decodes through `decode_image` (prepare, annotate, train, the score report), so a
+16-bit PNG, a CMYK JPEG or a phone photo with an EXIF rotation look the same everywhere, and no stage can be
+made to read a device file, a FIFO or an endless stream: only regular files are opened (checked with stat
+before the open, and again on the open descriptor, which is opened non-blocking), and never more than
+`max_bytes` are read. Limits are a frozen config (`ImageLimits`) instead of Pillow's module-global
+`MAX_IMAGE_PIXELS`.
 """
 
 from __future__ import annotations
 
 import io
+import os
+import stat
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline.storage import StorageError, StorageOptions, describe_error, filesystem
+from pipeline.storage import StorageError, StorageOptions, describe_error, filesystem, is_local
 
 #: Largest accepted image, in pixels (about 8k x 6k). COCO images are ~0.3 Mpx; anything near this limit
 #: is either a panorama worth resizing first or a decompression bomb (a tiny file that expands to GBs).
 DEFAULT_MAX_PIXELS = 50_000_000
 #: Smallest accepted side, in pixels: a 1-px-wide image cannot hold a segmentable object.
 DEFAULT_MIN_SIDE = 2
+#: Largest accepted image file, in bytes. A 50-Mpx PNG is ~150 MB only when stored raw; real photos and
+#: dataset images are well under 20 MB. The cap is checked before reading and bounds every read.
+DEFAULT_MAX_BYTES = 64 * 2**20
 #: Transparent pixels are composited onto white, as image viewers show them to a human annotator.
 ALPHA_BACKGROUND = (255, 255, 255)
 #: 16-bit samples are scaled to 8 bits by this divisor (65535 / 255), so full range maps to full range.
@@ -44,9 +53,10 @@ class ImageLimits:
 
     max_pixels: int = DEFAULT_MAX_PIXELS
     min_side: int = DEFAULT_MIN_SIDE
+    max_bytes: int = DEFAULT_MAX_BYTES
 
     def __post_init__(self) -> None:
-        if self.max_pixels < 1 or self.min_side < 1:
+        if self.max_pixels < 1 or self.min_side < 1 or self.max_bytes < 1:
             raise ValueError(f"image limits must be positive, got {self}")
 
 
@@ -94,6 +104,8 @@ def decode_image(data: bytes, name: str = "image", limits: ImageLimits | None = 
     limits = limits or ImageLimits()
     if not data:
         raise ImageError(f"{name}: zero-byte file", "empty image file")
+    if len(data) > limits.max_bytes:
+        raise _too_large(name, len(data), limits.max_bytes)
     with warnings.catch_warnings():
         # Our own limit decides; Pillow's global one only warns (or errors beyond 2x, handled below).
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -117,28 +129,103 @@ def decode_image(data: bytes, name: str = "image", limits: ImageLimits | None = 
             return _to_rgb(oriented, name)
 
 
-def read_image_bytes(uri: str, storage: StorageOptions | None = None) -> bytes:
-    """The raw bytes of a referenced image (local path, file:// or s3://).
+def _too_large(name: str, size: int, max_bytes: int) -> ImageError:
+    return ImageError(f"{name}: image file of {size} bytes exceeds the limit of {max_bytes} bytes",
+                      "image file too large")
 
-    A missing file is an ImageError (one bad item); any other storage failure (refused credentials,
-    unreachable endpoint) is a StorageError, because it concerns the whole job, not this image.
-    """
-    fs, path = filesystem(uri, storage)
+
+def _not_regular(uri: str, mode: int) -> ImageError:
+    if stat.S_ISDIR(mode):
+        return ImageError(f"{uri}: is a directory, not an image", "not a regular file")
+    kind = ("a FIFO" if stat.S_ISFIFO(mode)
+            else "a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "a special file")
+    return ImageError(f"{uri}: not a regular file ({kind}); only regular files are read as images",
+                      "not a regular file")
+
+
+def _local_size(uri: str, path: str, max_bytes: int) -> int:
+    """Size of a local regular file within the cap (stat follows symlinks), else ImageError."""
     try:
-        with fs.open(path, "rb") as f:
-            return f.read()
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        raise ImageError(f"{uri}: missing image (no such file)", "missing image") from exc
+    except OSError as exc:  # permission denied, too many links...: this file's problem only
+        raise ImageError(f"{uri}: cannot stat: {exc.strerror or exc}", "unreadable image") from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise _not_regular(uri, st.st_mode)
+    if st.st_size > max_bytes:
+        raise _too_large(uri, st.st_size, max_bytes)
+    return st.st_size
+
+
+def _read_local(uri: str, path: str, max_bytes: int) -> bytes:
+    """Bytes of a local regular file. Opened non-blocking (a FIFO swapped in after the stat cannot block the
+    open) and checked again on the descriptor; at most max_bytes + 1 are read, whatever the file does."""
+    _local_size(uri, path, max_bytes)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise ImageError(f"{uri}: cannot open: {exc.strerror or exc}", "unreadable image") from exc
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(f.fileno()).st_mode
+        if not stat.S_ISREG(mode):
+            raise _not_regular(uri, mode)
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:  # grew since the stat
+        raise _too_large(uri, len(data), max_bytes)
+    return data
+
+
+def _remote_size(fs, uri: str, path: str, max_bytes: int) -> int:
+    """Size of an object-store image within the cap (objects are regular by construction), else ImageError."""
+    try:
+        info = fs.info(path)
     except FileNotFoundError as exc:
         raise ImageError(f"{uri}: missing image (no such file)", "missing image") from exc
-    except IsADirectoryError as exc:
-        raise ImageError(f"{uri}: is a directory, not an image", "missing image") from exc
     except Exception as exc:  # re-raised with a clear, credential-free message
         raise StorageError(describe_error(uri, exc)) from exc
+    if info.get("type") == "directory":
+        raise ImageError(f"{uri}: is a directory, not an image", "missing image")
+    size = int(info.get("size") or 0)
+    if size > max_bytes:
+        raise _too_large(uri, size, max_bytes)
+    return size
 
 
-def image_exists(uri: str, storage: StorageOptions | None = None) -> bool:
-    """Whether a referenced image exists as a file (cheap: no bytes are read)."""
+def check_image_file(uri: str, storage: StorageOptions | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> int:
+    """Check a referenced image without reading it: it exists, is a regular file and holds at most
+    `max_bytes`. Returns its size; raises ImageError (this image) or StorageError (the whole job)."""
     fs, path = filesystem(uri, storage)
+    if is_local(uri):
+        return _local_size(uri, path, max_bytes)
+    return _remote_size(fs, uri, path, max_bytes)
+
+
+def read_image_bytes(uri: str, storage: StorageOptions | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """The raw bytes of a referenced image (local path, file:// or s3://), at most `max_bytes`.
+
+    Local: regular files only (stat before the open, non-blocking open, fstat after), so a FIFO, /dev/zero
+    or /dev/urandom is refused instead of hanging or filling memory. Object stores: the object's size is
+    checked before the read, and the read stops at the cap. A missing, special or oversized file is an
+    ImageError (one bad item); any other storage failure (refused credentials, unreachable endpoint) is a
+    StorageError, because it concerns the whole job, not this image.
+    """
+    fs, path = filesystem(uri, storage)
+    if is_local(uri):
+        return _read_local(uri, path, max_bytes)
     try:
-        return bool(fs.isfile(path))
+        with fs.open(path, "rb") as f:
+            size = getattr(f, "size", None)  # from the open's own metadata request: no second round trip
+            if size is not None and size > max_bytes:
+                raise _too_large(uri, int(size), max_bytes)
+            data = f.read(max_bytes + 1)
+    except ImageError:
+        raise
+    except (FileNotFoundError, IsADirectoryError) as exc:
+        raise ImageError(f"{uri}: missing image (no such file)", "missing image") from exc
     except Exception as exc:  # re-raised with a clear, credential-free message
         raise StorageError(describe_error(uri, exc)) from exc
+    if len(data) > max_bytes:
+        raise _too_large(uri, len(data), max_bytes)
+    return data

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from pipeline.schemas import missing_columns
+from pipeline.schemas import missing_columns, type_problems
 from pipeline.storage import StorageError, StorageOptions, describe_error, filesystem
 
 if TYPE_CHECKING:
@@ -45,8 +45,26 @@ def list_parquet(uri: str, storage: StorageOptions | None = None) -> list[str]:
             if not any(part.startswith(("_", ".")) for part in rel.split("/"))]
 
 
+def check_schema(uri: str, schema: pa.Schema, expected: pa.Schema, optional: tuple[str, ...] = ()) -> str | None:
+    """Why a file of this Arrow schema cannot be read as `expected` (missing columns, wrong types), or None."""
+    missing = missing_columns(schema, expected, optional)
+    if missing:
+        return f"{uri} lacks the column(s) {missing} of the expected schema"
+    wrong = type_problems(schema, expected, optional)
+    if wrong:
+        return f"{uri} has column(s) of the wrong type: {'; '.join(wrong)}"
+    return None
+
+
+def _with_optional(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` with the schema's absent (optional) columns added as nulls, in the schema's order."""
+    columns = [table.column(f.name) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+               for f in schema]
+    return pa.table(columns, schema=pa.schema([pa.field(f.name, c.type) for f, c in zip(schema, columns)]))
+
+
 def _read_files(batch: pa.Table, storage: StorageOptions | None, columns: list[str] | None,
-                include_paths: bool, schema: pa.Schema | None) -> Iterator[pa.Table]:
+                include_paths: bool, schema: pa.Schema | None, optional: tuple[str, ...]) -> Iterator[pa.Table]:
     """map_batches function: file URIs -> their rows, one row group per output block."""
     import pyarrow.parquet as pq
 
@@ -54,27 +72,30 @@ def _read_files(batch: pa.Table, storage: StorageOptions | None, columns: list[s
         fs, path = filesystem(uri, storage)
         with fs.open(path, "rb") as f:
             parquet = pq.ParquetFile(f)
-            if schema is not None:
-                missing = missing_columns(parquet.schema_arrow, schema)
-                if missing:
-                    raise ValueError(f"{uri} lacks the column(s) {missing} of the expected schema")
             names = columns or parquet.schema_arrow.names
+            if schema is not None:
+                problem = check_schema(uri, parquet.schema_arrow, schema, optional)
+                if problem is not None:
+                    raise ValueError(problem)
+                names = [n for n in names if n in parquet.schema_arrow.names]
             groups = range(parquet.num_row_groups)
             tables = (parquet.read_row_group(g, columns=names) for g in groups) if len(groups) else \
                 iter([parquet.schema_arrow.empty_table().select(names)])
             for table in tables:
                 if schema is not None:
-                    table = table.cast(schema)
+                    table = _with_optional(table, schema).cast(schema)
                 if include_paths:
                     table = table.append_column(PATH_COLUMN, pa.array([path] * table.num_rows, pa.string()))
                 yield table
 
 
 def read_parquet(uris: list[str], storage: StorageOptions | None = None, columns: list[str] | None = None,
-                 include_paths: bool = False, schema: pa.Schema | None = None) -> ray.data.Dataset:
+                 include_paths: bool = False, schema: pa.Schema | None = None,
+                 optional: tuple[str, ...] = ()) -> ray.data.Dataset:
     """The rows of these Parquet files (local, file:// or s3://) as a lazy Dataset; `columns` are read alone,
     `include_paths` adds each row's file path as a `path` column. With `schema` (the read columns' fields),
-    a file lacking any of its columns is an error and every block is cast to it."""
+    a file lacking any of its columns (other than `optional` ones, read as nulls) or holding one of an
+    incompatible type (`check_schema`) is an error, and every block is cast to it."""
     import ray.data
 
     if not uris:
@@ -82,4 +103,4 @@ def read_parquet(uris: list[str], storage: StorageOptions | None = None, columns
     listing = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=len(uris))
     return listing.map_batches(_read_files, batch_size=1, batch_format="pyarrow", num_cpus=READ_TASK_CPUS,
                                fn_kwargs={"storage": storage, "columns": columns, "include_paths": include_paths,
-                                          "schema": schema})
+                                          "schema": schema, "optional": optional})

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from pipeline.parquet import read_parquet
-from pipeline.schemas import TASK_SCHEMA
+from pipeline.schemas import TASK_OPTIONAL, TASK_SCHEMA
 from pipeline.storage import StorageError, StorageOptions, describe_error, filesystem, join
 
 if TYPE_CHECKING:
@@ -57,7 +57,8 @@ def read_tasks(uri: str, storage: StorageOptions | None = None, splits: Iterable
 
     `splits` keeps only those splits' shard files (chosen by name, nothing is read); `columns` reads only
     those TASK_SCHEMA columns (e.g. without `image`). One read task per shard file streams its row groups
-    (`pipeline.parquet.read_parquet`), cast to TASK_SCHEMA; a file lacking a column fails its read task.
+    (`pipeline.parquet.read_parquet`), cast to TASK_SCHEMA; a file lacking a column (other than the optional
+    `error` columns of older shards, read as null) or of a wrong type fails its read task.
     Raises ValueError when nothing matches or a column is unknown.
     """
     unknown = [c for c in columns or [] if c not in TASK_SCHEMA.names]
@@ -71,7 +72,8 @@ def read_tasks(uri: str, storage: StorageOptions | None = None, splits: Iterable
         raise ValueError(f"no task shards{which} ({{split}}-NNNNN{SHARD_SUFFIX}) in {uri}: "
                          "run `python -m jobs.prepare` first")
     names = columns or TASK_SCHEMA.names
-    return read_parquet(files, storage, columns=names, schema=pa.schema([TASK_SCHEMA.field(n) for n in names]))
+    return read_parquet(files, storage, columns=names, schema=pa.schema([TASK_SCHEMA.field(n) for n in names]),
+                        optional=TASK_OPTIONAL)
 
 
 def explode_expressions(row: dict[str, Any]) -> list[dict[str, Any]]:

@@ -1,6 +1,7 @@
 """decode_image: every pixel format to RGB uint8, EXIF orientation, and a clear reason for each bad image."""
 
 import io
+import os
 import struct
 import zlib
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.images import ImageError, ImageLimits, decode_image, image_exists, read_image_bytes
+from pipeline.images import ImageError, ImageLimits, check_image_file, decode_image, read_image_bytes
 
 
 def _encode(img: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
@@ -122,9 +123,51 @@ def test_decompression_bombs_are_refused():
 def test_read_image_bytes(tmp_path):
     path = tmp_path / "a.png"
     path.write_bytes(b"abc")
-    assert read_image_bytes(str(path)) == b"abc" and image_exists(str(path))
+    assert read_image_bytes(str(path)) == b"abc" and check_image_file(str(path)) == 3
     assert read_image_bytes(f"file://{path}") == b"abc"
-    with pytest.raises(ImageError, match="missing image") as info:
-        read_image_bytes(str(tmp_path / "nope.png"))
-    assert info.value.reason == "missing image"
-    assert not image_exists(str(tmp_path / "nope.png")) and not image_exists(str(tmp_path))
+    for check in (read_image_bytes, check_image_file):
+        with pytest.raises(ImageError, match="missing image") as info:
+            check(str(tmp_path / "nope.png"))
+        assert info.value.reason == "missing image"
+        with pytest.raises(ImageError, match="is a directory"):
+            check(str(tmp_path))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("special", ["/dev/zero", "/dev/urandom", "fifo", "link-to-fifo"])
+def test_special_files_are_refused_before_any_read(tmp_path, special):
+    """A FIFO would block the open forever, /dev/zero and /dev/urandom never end: regular files only."""
+    if special in ("fifo", "link-to-fifo"):
+        os.mkfifo(tmp_path / "fifo")
+        if special == "link-to-fifo":
+            os.symlink(tmp_path / "fifo", tmp_path / "link.png")
+        special = str(tmp_path / ("fifo" if special == "fifo" else "link.png"))
+    for check in (read_image_bytes, check_image_file):
+        with pytest.raises(ImageError, match="not a regular file") as info:
+            check(special)
+        assert info.value.reason == "not a regular file"
+
+
+def test_byte_cap_before_reading_and_on_embedded_bytes(tmp_path):
+    path = tmp_path / "big.png"
+    path.write_bytes(b"x" * 1001)
+    for check in (read_image_bytes, check_image_file):
+        with pytest.raises(ImageError, match="1001 bytes exceeds the limit of 1000 bytes") as info:
+            check(str(path), max_bytes=1000)
+        assert info.value.reason == "image file too large"
+    assert read_image_bytes(str(path), max_bytes=1001) == b"x" * 1001
+    with pytest.raises(ImageError, match="exceeds the limit of 1000 bytes"):
+        decode_image(b"x" * 1001, limits=ImageLimits(max_bytes=1000))
+    with pytest.raises(ValueError):
+        ImageLimits(max_bytes=0)
+
+
+def test_a_fifo_swapped_in_after_the_check_cannot_block(tmp_path, monkeypatch):
+    """The open is non-blocking and the descriptor is checked again: the stat/open race cannot hang a worker."""
+    import pipeline.images as images
+
+    fifo = tmp_path / "swapped.png"
+    os.mkfifo(fifo)
+    monkeypatch.setattr(images, "_local_size", lambda uri, path, max_bytes: 0)  # as if the stat saw a file
+    with pytest.raises(ImageError, match="not a regular file"):
+        read_image_bytes(str(fifo))

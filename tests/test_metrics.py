@@ -319,3 +319,64 @@ def test_missing_columns_are_named():
         scoring.ScoreConfig("p", "g", protocol="lisa")
     with pytest.raises(ValueError, match="--by"):
         scoring.ScoreConfig("p", "g", by=("image",))
+
+
+def _parse_like_pycocotools(counts: bytes, h: int, w: int) -> bool:
+    """pycocotools' rleFrString in plain Python, with the bounds checks it lacks: is this RLE valid?"""
+    if h < 0 or w < 0:
+        return False
+    runs, p = [], 0
+    while p < len(counts):
+        x = k = 0
+        more = True
+        while more:
+            if p >= len(counts) or not 0 <= counts[p] - 48 <= 63:
+                return False
+            c = counts[p] - 48
+            x |= (c & 0x1F) << (5 * k)
+            more, p, k = bool(c & 0x20), p + 1, k + 1
+            if not more and c & 0x10:
+                x -= 1 << (5 * k)
+        if k > 7:
+            return False
+        runs.append(x + (runs[-2] if len(runs) > 2 else 0))
+    return all(0 <= r < 2**32 for r in runs) and sum(runs) == h * w
+
+
+@pytest.mark.timeout(120)
+def test_rle_validation_matches_pycocotools_and_refuses_garbage():
+    """Every RLE pycocotools writes is valid; on random strings the vectorised validator agrees with a plain
+    parse of pycocotools' format, and what it accepts decodes to h x w with pycocotools; garbage (bytes outside
+    the alphabet, a run cut off, counts not adding up to h*w, a negative size) is refused."""
+    rng = np.random.default_rng(7)
+    written = [masks.encode(rng.random((int(h), int(w))) < rng.random()) for h, w in rng.integers(1, 40, (200, 2))]
+    heights, widths = np.array([r["size"][0] for r in written]), np.array([r["size"][1] for r in written])
+    assert masks.rle_problems([r["counts"] for r in written], heights, widths) == [None] * len(written)
+    strings = [bytes(rng.integers(48, 112 if rng.random() < 0.9 else 130, int(rng.integers(0, 14))).astype(np.uint8))
+               for _ in range(20000)]
+    hs, ws = rng.integers(-1, 6, len(strings)), rng.integers(0, 6, len(strings))
+    verdicts = masks.rle_problems(strings, hs, ws)
+    assert [v is None for v in verdicts] == [_parse_like_pycocotools(s, int(h), int(w))
+                                             for s, h, w in zip(strings, hs, ws)]
+    accepted = [i for i, v in enumerate(verdicts) if v is None]
+    assert len(accepted) > 100
+    for i in accepted:
+        h, w = int(hs[i]), int(ws[i])
+        assert masks.decode({"size": [h, w], "counts": strings[i].decode()}).shape == (h, w)
+    for rle, problem in (({"size": [5, 7], "counts": "0"}, "add up to 0 pixels, not h*w = 35"),
+                         ({"size": [5, 7], "counts": "PPP\x7f~"}, "outside COCO's RLE alphabet"),
+                         ({"size": [5, 7], "counts": "PPP"}, "middle of a run"),
+                         ({"size": [-5, 7], "counts": "0"}, "negative size"),
+                         ({"size": [5], "counts": "0"}, "not [height, width]"),
+                         ({"size": [6, 7], "counts": masks.empty(5, 7)["counts"]}, "not h*w = 42")):
+        assert problem in masks.rle_problem(rle), rle
+        with pytest.raises(ValueError, match="invalid RLE"):
+            masks.decode(rle)
+    assert masks.rle_problem(None) is None and masks.rle_problem({"size": [0, 0], "counts": ""}) is None
+    # The Arrow path (buffers read in place, nulls and slice offsets honoured) gives the same verdicts.
+    counts = [None, "0", "PPP", masks.empty(5, 7)["counts"], "", None, "PPP\x7f~"]
+    h, w = np.array([5, 5, 5, 5, 0, 1, 5] * 2), np.array([7] * 14)
+    listed = masks.rle_problems(counts * 2, h, w)
+    assert masks.rle_problems(pa.array(counts * 2, pa.string()), h, w) == listed
+    assert masks.rle_problems(pa.array([None] + counts * 2, pa.binary()).slice(1), h, w) == listed
+    assert [p is None for p in listed[:7]] == [True, False, False, True, True, True, False]

@@ -29,16 +29,24 @@ def test_grefcoco_embedded_with_bad_items_and_rerun(ray_local, tmp_path, capsys)
     argv = ["--format", "grefcoco", "--root", str(root), "--out", str(out), "--embed-images"]
     assert main([*argv, "--rows-per-file", "1"]) == 0
     printed = capsys.readouterr().out
-    assert "2 images, 6 expressions" in printed and "missing image: 1 item(s), 1 expression(s)" in printed
+    # The missing image (5) and the one escaping the root (3) are flagged: kept, with reasons, without bytes.
+    assert "4 images, 8 expressions" in printed and "flagged 2 item(s)" in printed
+    assert "missing image: 1 item(s), 1 expression(s)" in printed
     names = [p.rsplit("/", 1)[1] for p in list_shards(str(out))]
-    assert names == ["testA-00000.parquet", "testA-00001.parquet", "val-00000.parquet"]
+    assert names == ["testA-00000.parquet", "testA-00001.parquet", "testA-00002.parquet", "val-00000.parquet"]
     assert pq.read_schema(out / "val-00000.parquet").equals(TASK_SCHEMA, check_metadata=False)
     summary = json.loads((out / SUMMARY_FILE).read_text())
-    expected = {**cs.EXPECTED_SKIPS, "missing image": (1, 1)}
-    assert {r: (v["items"], v["expressions"]) for r, v in summary["skipped"].items()} == expected
-    assert "missing.png" in summary["skipped"]["missing image"]["examples"][0]
+    assert {r: (v["items"], v["expressions"]) for r, v in summary["skipped"].items()} == cs.EXPECTED_SKIPS
+    assert {r: (v["items"], v["expressions"]) for r, v in summary["flagged"].items()} == {
+        "missing image": (1, 1), "image path escapes root": (1, 1)}
+    assert "missing.png" in summary["flagged"]["missing image"]["examples"][0]
+    assert summary["per_split"]["testA"]["flagged_rows"] == 2
 
     rows = _rows(out)
+    flagged = {r["image_id"]: r for r in rows if r["error"] is not None}
+    assert sorted(flagged) == ["3", "5"] and all(r["image"] is None for r in flagged.values())
+    assert "missing image" in flagged["5"]["error"] and "escapes the dataset root" in flagged["3"]["error"]
+    rows = [r for r in rows if r["error"] is None]
     serial = {r["image_id"]: r for r in grefcoco.read_task_rows(str(root))}
     assert [(r["split"], r["image_id"]) for r in rows] == [("testA", "2"), ("val", "1")]
     for row in rows:
@@ -53,7 +61,7 @@ def test_grefcoco_embedded_with_bad_items_and_rerun(ray_local, tmp_path, capsys)
     # A rerun with bigger shards overwrites: the stale second testA shard goes, no row is duplicated.
     assert main([*argv, "--rows-per-file", "100"]) == 0
     assert [p.rsplit("/", 1)[1] for p in list_shards(str(out))] == ["testA-00000.parquet", "val-00000.parquet"]
-    assert len(_rows(out)) == 2
+    assert len(_rows(out)) == 4
 
 
 def test_manifest_referenced_and_embedded(ray_local, tmp_path):
@@ -67,15 +75,27 @@ def test_manifest_referenced_and_embedded(ray_local, tmp_path):
 
     assert main(["--format", "manifest", "--root", str(manifest), "--out", str(tmp_path / "ref")]) == 0
     ref = _rows(tmp_path / "ref")
-    assert [r["image_id"] for r in ref] == ["imgs/a.png", "imgs/broken.png"]  # not opened: broken kept
+    # Not opened: broken kept as is; the missing one is flagged (checked with a stat, never read).
+    assert [(r["image_id"], r["error"] is None) for r in ref] == [
+        ("imgs/a.png", True), ("imgs/broken.png", True), ("imgs/gone.png", False)]
     assert ref[0]["width"] is None and ref[0]["image"] is None and ref[0]["dataset"] == "mine"
 
     assert main(["--format", "manifest", "--root", str(manifest), "--out", str(tmp_path / "emb"),
                  "--embed-images"]) == 0
     emb = _rows(tmp_path / "emb")
-    assert [(r["image_id"], r["width"], r["height"]) for r in emb] == [("imgs/a.png", 14, 9)]
-    skipped = json.loads((tmp_path / "emb" / SUMMARY_FILE).read_text())["skipped"]
-    assert set(skipped) == {"not an image", "missing image"}
+    assert [(r["image_id"], r["width"], r["height"], r["image"] is None) for r in emb] == [
+        ("imgs/a.png", 14, 9, False), ("imgs/broken.png", None, None, True), ("imgs/gone.png", None, None, True)]
+    summary = json.loads((tmp_path / "emb" / SUMMARY_FILE).read_text())
+    assert summary["skipped"] == {} and set(summary["flagged"]) == {"not an image", "missing image"}
+    assert "not an image" in emb[1]["error"] and "missing image" in emb[2]["error"]
+    # The byte cap (checked with a stat, before reading) flags a.png in both modes, the 9-byte file passes.
+    cap = str((tmp_path / "imgs" / "a.png").stat().st_size - 1)
+    for mode, code in (([], 0), (["--embed-images"], 1)):  # embedded: no usable image left -> exit 1
+        out = tmp_path / f"cap{len(mode)}"
+        assert main(["--format", "manifest", "--root", str(manifest), "--out", str(out), "--max-image-bytes", cap,
+                     *mode]) == code
+        capped = {r["image_id"]: r["error"] for r in _rows(out)}
+        assert "exceeds the limit" in capped["imgs/a.png"], mode
     exploded = explode_expressions(emb[0])
     assert [e["text"] for e in exploded] == ["the void", "x"]
     assert all(e["image_id"] == "imgs/a.png" and e["width"] == 14 and e["gt_mask"] is None for e in exploded)

@@ -1,9 +1,10 @@
 """Prepare into a real S3-compatible store (SeaweedFS on loopback) and read back; a wrong key is refused."""
 
+import pytest
 import s3fs
 
 from jobs.prepare import main
-from pipeline.images import read_image_bytes
+from pipeline.images import ImageError, check_image_file, read_image_bytes
 from pipeline.tasks import SUMMARY_FILE, list_shards, read_tasks
 
 
@@ -22,6 +23,21 @@ def test_prepare_shapes_into_s3_and_read_back(s3, ray_local, capsys):
     assert read_image_bytes(uri, s3.options)[:4] == b"\x89PNG"
     fs = s3fs.S3FileSystem(endpoint_url=s3.endpoint, key=s3.key, secret=s3.secret, skip_instance_cache=True)
     assert fs.exists(f"{s3.bucket}/prepare-test/shapes/{SUMMARY_FILE}")
+
+
+def test_s3_images_obey_the_byte_cap_and_name_missing_keys(s3):
+    """Objects are regular by construction; the cap is checked from the object's size before any byte is read."""
+    fs = s3fs.S3FileSystem(endpoint_url=s3.endpoint, key=s3.key, secret=s3.secret, skip_instance_cache=True)
+    fs.pipe(f"{s3.bucket}/cap/big.png", b"x" * 2000)
+    uri = f"s3://{s3.bucket}/cap/big.png"
+    assert check_image_file(uri, s3.options, max_bytes=2000) == 2000
+    assert read_image_bytes(uri, s3.options, max_bytes=2000) == b"x" * 2000
+    for check in (read_image_bytes, check_image_file):
+        with pytest.raises(ImageError, match="2000 bytes exceeds the limit of 1000") as info:
+            check(uri, s3.options, max_bytes=1000)
+        assert info.value.reason == "image file too large"
+        with pytest.raises(ImageError, match="missing image") as info:
+            check(f"s3://{s3.bucket}/cap/gone.png", s3.options)
 
 
 def test_wrong_key_is_refused_with_a_clear_message(s3, monkeypatch, capsys):

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs import score as score_job
-from pipeline import storage
+from pipeline import masks, storage
 from pipeline.schemas import PREDICTION_SCHEMA, TASK_SCHEMA
 from pipeline.score.metrics import METRIC_KEYS
 from tests.metrics_reference import reference_score
@@ -93,7 +93,101 @@ def test_job_refuses_bad_inputs(shards, tmp_path, capsys):
     code = score_job.main(["--predictions", str(bad), "--ground-truth", str(root / "gt"),
                            "--out", str(tmp_path / "out")])
     assert code == 2
-    assert "lack column(s) ['rejected', 'mask', 'status']" in capsys.readouterr().err
+    assert "bad.parquet lacks the column(s) ['rejected', 'mask']" in capsys.readouterr().err
     code = score_job.main(["--predictions", str(tmp_path / "nowhere"), "--ground-truth", str(root / "gt"),
                            "--out", str(tmp_path / "out")])
     assert code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def _one_line(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("score:")]
+
+
+def test_every_predictions_file_is_checked(shards, tmp_path, capsys):
+    """Defect 5: a bad second file (no mask / mask as string) is refused up front with exit 2 and one line."""
+    root, _, _ = shards
+    good = pq.read_table(root / "pred" / "a.parquet")
+    for name, bad in (("no-mask", good.drop_columns(["mask"])),
+                      ("string-mask", good.set_column(good.schema.get_field_index("mask"), "mask",
+                                                      pa.array(["x"] * good.num_rows)))):
+        folder = tmp_path / name
+        folder.mkdir()
+        pq.write_table(good, folder / "a.parquet")
+        pq.write_table(bad, folder / "b.parquet")
+        code = score_job.main(["--predictions", str(folder), "--ground-truth", str(root / "gt"),
+                               "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err
+        (line,) = _one_line(err)
+        assert "b.parquet" in line and "mask" in line, line
+        assert ("string" in line) == (name == "string-mask"), line
+
+
+#: Unusable masks for a ground truth of h x w: counts that do not add up to h*w, a negative size, another size,
+#: and a garbage counts string (truncated mid-number, bytes outside the alphabet: pycocotools reads past its end).
+UNUSABLE = (lambda h, w: {"size": [h, w], "counts": "0"},
+            lambda h, w: {"size": [-h, w], "counts": masks.empty(h, w)["counts"]},
+            lambda h, w: {"size": [h + 1, w], "counts": masks.empty(h + 1, w)["counts"]},
+            lambda h, w: {"size": [h, w], "counts": "PPP\x7f~"})
+
+
+def _unusable_predictions(preds: list[dict], n: int = 8) -> tuple[list[dict], set[str]]:
+    """Copies of `preds` where the first `n` ok, kept masks are replaced by unusable ones; the replaced ids."""
+    out, changed = [], set()
+    for p in preds:
+        if len(changed) < n and p["status"] == "ok" and not p["rejected"] and p["expression_id"] not in changed:
+            p = dict(p, mask=UNUSABLE[len(changed) % len(UNUSABLE)](*p["mask"]["size"]))
+            changed.add(p["expression_id"])
+        out.append(p)
+    return out, changed
+
+
+@pytest.mark.timeout(300)
+def test_unusable_masks_are_counted_not_crashing(ray_local, shards, tmp_path, capsys):
+    """Defect 5: wrong-size, negative-size, garbage and short-sum RLEs score as failed predictions, counted in
+    metrics.json and the summary line; the report (gallery included) is written; nothing hangs."""
+    root, tasks, preds = shards
+    bad, changed = _unusable_predictions(preds)
+    assert len(changed) == 8
+    (tmp_path / "pred").mkdir()
+    pq.write_table(pa.Table.from_pylist(bad, schema=PREDICTION_SCHEMA), tmp_path / "pred" / "p.parquet")
+    out = tmp_path / "out"
+    assert score_job.main(["--predictions", str(tmp_path / "pred"), "--ground-truth", str(root / "gt"),
+                           "--out", str(out)]) == 0
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["inputs"]["counts"]["bad_masks"] == 8
+    as_failed = [dict(p, mask=None) if p["expression_id"] in changed and p["status"] == "ok" else p for p in bad]
+    assert_same(doc["overall"], reference_score(exploded(tasks), as_failed, "rela")["overall"])
+    assert "8 unusable masks" in capsys.readouterr().out
+    for name in REPORT_FILES[2:]:
+        assert (out / name).read_bytes().startswith(PNG_MAGIC), name
+
+
+def test_minimal_predictions_from_another_system(ray_local, shards, tmp_path):
+    """Defect 6: only expression_id, rejected, mask (+ status, error, image_id); groups come from the ground truth."""
+    root, tasks, preds = shards
+    one = [t for t in tasks if t["dataset"] == "grefcoco"]
+    keep = [p for p in preds if p["dataset"] == "grefcoco"]
+    (tmp_path / "gt").mkdir()
+    pq.write_table(pa.Table.from_pylist(one, schema=TASK_SCHEMA), tmp_path / "gt" / "g.parquet")
+    ref = reference_score(exploded(one), keep, "rela", by=("split",))
+    for columns in (["expression_id", "rejected", "mask"],
+                    ["expression_id", "rejected", "mask", "status", "error", "image_id"]):
+        folder = tmp_path / "-".join(columns[3:]) if len(columns) > 3 else tmp_path / "minimal"
+        folder.mkdir()
+        table = pa.Table.from_pylist(keep, schema=PREDICTION_SCHEMA).select(columns)
+        if columns == ["expression_id", "rejected", "mask"]:  # no status column: an error row has no mask
+            table = table.filter(pa.compute.is_valid(table.column("mask")))
+            ref_rows = [p for p in keep if p["mask"] is not None]
+            want = reference_score(exploded(one), ref_rows, "rela", by=("split",))
+        else:
+            want = ref
+        pq.write_table(table, folder / "p.parquet")
+        out = tmp_path / f"out-{folder.name}"
+        assert score_job.main(["--predictions", str(folder), "--ground-truth", str(tmp_path / "gt"),
+                               "--out", str(out), "--by", "split,dataset"]) == 0, columns
+        doc = json.loads((out / "metrics.json").read_text())
+        assert_same(doc["overall"], want["overall"])
+        assert set(doc["splits"]) == {f"{s}/grefcoco" for s in ("val", "testA", "testB")}
+        for split in ("val", "testA", "testB"):
+            assert_same(doc["splits"][f"{split}/grefcoco"], want[split])

@@ -27,7 +27,7 @@ class InputLimits:
     """
 
     max_expression_chars: int = MAX_EXPRESSION_CHARS  # after Unicode normalisation
-    image: ImageLimits = field(default_factory=ImageLimits)  # pixel count (bombs) and smallest side
+    image: ImageLimits = field(default_factory=ImageLimits)  # pixel count (bombs), smallest side, file bytes
 
     def validate(self) -> None:
         if self.max_expression_chars <= 0:

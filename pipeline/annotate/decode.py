@@ -2,7 +2,8 @@
 
 Runs as plain Ray Data tasks ahead of the model replicas, so fetching and decoding images (PIL, network)
 never occupies a GPU. Every failure is recorded on the row (`image_error`, or an expression's `error`)
-and travels on: the model stage turns it into error rows, so no expression is ever dropped.
+and travels on: the model stage turns it into error rows, so no expression is ever dropped. Problems prepare
+already found (the shard's image-level or expression-level `error`) are carried the same way, unread.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from gsva.inputs import clean_expression
 from pipeline.annotate.config import InputLimits
 from pipeline.annotate.rows import DECODED_SCHEMA, SOURCE
 from pipeline.images import ImageError, decode_image, read_image_bytes
-from pipeline.schemas import TASK_SCHEMA, missing_columns
+from pipeline.schemas import TASK_OPTIONAL, TASK_SCHEMA, missing_columns
 from pipeline.storage import StorageError, StorageOptions
 
 #: The read adds this column (the shard's path inside its filesystem); it maps each row to its input key.
@@ -43,7 +44,8 @@ class DecodeStage:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if not self._checked:
-            missing = missing_columns(batch.schema, pa.schema([*TASK_SCHEMA, pa.field(PATH_COLUMN, pa.string())]))
+            missing = missing_columns(batch.schema, pa.schema([*TASK_SCHEMA, pa.field(PATH_COLUMN, pa.string())]),
+                                      TASK_OPTIONAL)
             if missing:
                 raise ValueError(f"task shards lack the columns {missing}; write them with jobs.prepare")
             self._checked = True
@@ -57,6 +59,9 @@ class DecodeStage:
         out = {SOURCE: key, "image_id": row.get("image_id"), "dataset": row.get("dataset"),
                "split": row.get("split"), "pixels": None, "height": None, "width": None, "image_error": None,
                "expressions": [self.check_expression(e) for e in (row.get("expressions") or [])]}
+        if row.get("error"):  # prepare could not use this image; its reason is the rows' error
+            out["image_error"] = row["error"]
+            return out
         try:
             pixels = self.load_pixels(row)
         except (ImageError, StorageError) as exc:
@@ -75,13 +80,13 @@ class DecodeStage:
             uri = row.get("image_uri")
             if not uri:
                 raise ImageError(f"{_name(row)}: the task row has neither embedded image bytes nor an image_uri")
-            data = read_image_bytes(uri, self.spec.storage)
+            data = read_image_bytes(uri, self.spec.storage, self.spec.limits.image.max_bytes)
         return decode_image(data, name=_name(row), limits=self.spec.limits.image)
 
     def check_expression(self, expression: dict[str, Any]) -> dict[str, Any]:
         clean = clean_expression(expression.get("text"), self.spec.limits.max_expression_chars,
                                  self.spec.reserved_tokens)
-        error = clean.error
+        error = expression.get("error") or clean.error
         if error is None and not expression.get("expression_id"):
             error = "expression has no expression_id"
         return {"expression_id": expression.get("expression_id"), "raw_text": expression.get("text"),

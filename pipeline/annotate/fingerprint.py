@@ -90,6 +90,7 @@ def fingerprint(config: AnnotateConfig, model_identity: str) -> dict[str, Any]:
         "max_expression_chars": config.limits.max_expression_chars,
         "max_image_pixels": config.limits.image.max_pixels,
         "min_image_side": config.limits.image.min_side,
+        "max_image_bytes": config.limits.image.max_bytes,
         "code_version": code_version(),
         "schema": hashlib.sha256(str(PREDICTION_SCHEMA).encode("utf-8")).hexdigest()[:12],
         "layout_version": LAYOUT_VERSION,

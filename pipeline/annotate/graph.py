@@ -12,6 +12,7 @@ from pipeline.annotate.config import Scheduling
 from pipeline.annotate.decode import DecodeSpec, DecodeStage
 from pipeline.annotate.model import ModelSpec, PredictStage
 from pipeline.annotate.sink import PredictionSink
+from pipeline.schemas import TASK_OPTIONAL, TASK_SCHEMA
 from pipeline.storage import StorageOptions
 
 if TYPE_CHECKING:
@@ -20,9 +21,10 @@ if TYPE_CHECKING:
 
 def read_tasks(uris: list[str], storage: StorageOptions) -> ray.data.Dataset:
     """Task shards (one row per image) with a `path` column naming each row's shard (its path within its
-    filesystem). Input shards and --retry-errors shards (in the output's store) may be on different stores:
-    each file is opened through its own URI."""
-    return parquet.read_parquet(uris, storage, include_paths=True)
+    filesystem), cast to TASK_SCHEMA. Input shards and --retry-errors shards (in the output's store) may be on
+    different stores: each file is opened through its own URI. The planner has already set aside shards of
+    the wrong columns or types (`plan._count_rows`), so a read never fails on them."""
+    return parquet.read_parquet(uris, storage, include_paths=True, schema=TASK_SCHEMA, optional=TASK_OPTIONAL)
 
 
 def annotate(tasks: ray.data.Dataset, decode: DecodeSpec, model: ModelSpec, scheduling: Scheduling,

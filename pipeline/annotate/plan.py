@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 
 from pipeline.annotate.layout import InputFile, OutputLayout, atomic_write, completed, write_json
 from pipeline.annotate.sink import Target
-from pipeline.schemas import PREDICTION_SCHEMA, STATUS_ERROR, TASK_SCHEMA, missing_columns
+from pipeline.parquet import check_schema
+from pipeline.schemas import PREDICTION_SCHEMA, STATUS_ERROR, TASK_OPTIONAL, TASK_SCHEMA
 from pipeline.storage import StorageOptions, describe_error, filesystem
 
 #: Parallel footer reads: planning thousands of shards on S3 is latency-bound, not CPU-bound.
@@ -73,16 +74,18 @@ def plan_run(inputs: list[InputFile], layout: OutputLayout, storage: StorageOpti
 
 
 def _count_rows(uri: str, storage: StorageOptions) -> tuple[int, str | None]:
-    """Task rows in a shard from its footer, or why the shard cannot be read (it is then skipped, reported)."""
+    """Task rows in a shard from its footer, or why the shard cannot be read (it is then skipped, reported):
+    not Parquet, columns missing, or columns of a type that cannot stand for TASK_SCHEMA's (e.g. int64 image_id)."""
     fs, path = filesystem(uri, storage)
     try:
         with fs.open(path, "rb") as f:
             meta = pq.ParquetFile(f).metadata
-            missing = missing_columns(meta.schema.to_arrow_schema(), TASK_SCHEMA)
+            schema = meta.schema.to_arrow_schema()
     except Exception as exc:  # noqa: BLE001 - reported per file; the other files still run
         return 0, f"not a readable Parquet task shard: {describe_error(uri, exc)}"
-    if missing:
-        return 0, f"not a task shard: columns {missing} are missing (write shards with jobs.prepare)"
+    problem = check_schema(uri, schema, TASK_SCHEMA, TASK_OPTIONAL)
+    if problem is not None:
+        return 0, f"not a task shard: {problem.removeprefix(uri + ' ')} (write shards with jobs.prepare)"
     return meta.num_rows, None
 
 

@@ -7,6 +7,8 @@ The graph, read top to bottom:
     driver   take the (tiny) summary rows, delete stale shards of a previous run, write `_prepare.json`
 A shard is the unit of parallelism and of output, so file names are deterministic, `--rows-per-file` is
 exact (minus skipped images) and a rerun overwrites. Only summaries ever come back to the driver.
+An image that cannot be used (missing, not a regular file, too large, not an image...) is not dropped: its
+row is written without bytes and with the reason in `error` (flagged), so every expression reaches annotate.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pipeline.images import ImageError, ImageLimits, decode_image, image_exists, read_image_bytes
-from pipeline.prepare.formats.items import ImageItem, SkipReport, to_task_row
+from pipeline.images import ImageError, ImageLimits, check_image_file, decode_image, read_image_bytes
+from pipeline.prepare.formats.items import ImageItem, SkipReport, flag, flagged_report, to_task_row
 from pipeline.prepare.formats.sources import SourceConfig, load_items
 from pipeline.schemas import TASK_SCHEMA
 from pipeline.storage import StorageOptions, check_access, filesystem, is_local, join
@@ -58,12 +60,14 @@ class PrepareConfig:
 
 @dataclass
 class PrepareResult:
-    """What prepare wrote: per-split rows and expressions, the files, and what was skipped and why."""
+    """What prepare wrote: per-split rows and expressions, the files, what was skipped and why, and what was
+    flagged (written with its reason in `error`, for annotate to turn into error rows)."""
 
     out: str
     files: list[str]
     per_split: dict[str, dict[str, int]]
     skips: SkipReport
+    flagged: SkipReport = field(default_factory=lambda: SkipReport(action="flagged"))
 
     @property
     def rows(self) -> int:
@@ -73,9 +77,15 @@ class PrepareResult:
     def expressions(self) -> int:
         return sum(s["expressions"] for s in self.per_split.values())
 
+    @property
+    def usable_rows(self) -> int:
+        """Rows whose image can be used (not flagged)."""
+        return self.rows - sum(s["flagged_rows"] for s in self.per_split.values())
+
     def to_dict(self) -> dict[str, Any]:
         return {"out": self.out, "rows": self.rows, "expressions": self.expressions,
-                "per_split": self.per_split, "files": self.files, "skipped": self.skips.to_dict()}
+                "per_split": self.per_split, "files": self.files, "skipped": self.skips.to_dict(),
+                "flagged": self.flagged.to_dict()}
 
     def summary_text(self, dataset: str) -> str:
         """The human summary the job prints: totals, per split, and each skip reason with an example."""
@@ -83,13 +93,15 @@ class PrepareResult:
                   f"in {len(self.files)} file(s)")]
         for split, s in sorted(self.per_split.items()):
             lines.append(f"  {split:>8}: {s['rows']} images, {s['expressions']} expressions "
-                         f"({s['no_target']} no-target), {s['files']} file(s)")
-        if self.skips.total():
-            lines.append(f"skipped {self.skips.total()} item(s):")
-            for reason, entry in self.skips.to_dict().items():
-                example = entry["examples"][0] if entry["examples"] else "-"
-                lines.append(f"  {reason}: {entry['items']} item(s), {entry['expressions']} expression(s); "
-                             f"e.g. {example}")
+                         f"({s['no_target']} no-target), {s['flagged_rows']} flagged image(s), {s['files']} file(s)")
+        for report, title in ((self.flagged, "flagged {} item(s), kept as error rows for annotate:"),
+                              (self.skips, "skipped {} item(s):")):
+            if report.total():
+                lines.append(title.format(report.total()))
+                for reason, entry in report.to_dict().items():
+                    example = entry["examples"][0] if entry["examples"] else "-"
+                    lines.append(f"  {reason}: {entry['items']} item(s), {entry['expressions']} expression(s); "
+                                 f"e.g. {example}")
         return "\n".join(lines)
 
 
@@ -107,26 +119,26 @@ def plan_shards(items: list[ImageItem], config: PrepareConfig) -> list[dict[str,
     return plan
 
 
-def _checked_image(item: ImageItem, config: PrepareConfig,
-                   skips: SkipReport) -> tuple[ImageItem, bytes | None] | None:
-    """Check the image exists (referenced) or read + decode it (embedded); None when it is skipped."""
-    uri, count = item["image_uri"], len(item["expressions"])
-    where = f"image {item['image_id']} ({uri})"
+def _checked_image(item: ImageItem, config: PrepareConfig) -> tuple[ImageItem, bytes | None]:
+    """Check the image (referenced: a regular file within the byte cap; embedded: read and decoded too).
+
+    An image that fails is returned flagged (`items.flag`) without bytes, never dropped; so is an item
+    flagged before (e.g. its path leaves the root), which is not touched at all.
+    """
+    if item.get("error"):
+        return item, None
+    uri = item["image_uri"]
     try:
         if not config.embed_images:
-            if not image_exists(uri, config.storage):
-                skips.add("missing image", where, "no such file", expressions=count)
-                return None
+            check_image_file(uri, config.storage, config.image_limits.max_bytes)
             return item, None
-        data = read_image_bytes(uri, config.storage)
+        data = read_image_bytes(uri, config.storage, config.image_limits.max_bytes)
         height, width = decode_image(data, uri, config.image_limits).shape[:2]
     except ImageError as exc:
-        skips.add(exc.reason, where, str(exc), expressions=count)
-        return None
+        return flag(dict(item), exc.reason, str(exc)), None
     if item["width"] is not None and (item["width"], item["height"]) != (width, height):
-        skips.add("image size mismatch", where, f"file is {width}x{height}, annotations say "
-                  f"{item['width']}x{item['height']}", expressions=count)
-        return None
+        return flag(dict(item), "image size mismatch", f"{uri}: file is {width}x{height}, annotations say "
+                    f"{item['width']}x{item['height']}"), None
     return {**item, "width": int(width), "height": int(height)}, data
 
 
@@ -147,19 +159,20 @@ def write_shard(rows: list[dict[str, Any]], uri: str, storage: StorageOptions) -
 
 def convert_shard(task: dict[str, Any], config: PrepareConfig) -> dict[str, Any]:
     """Ray map function: one planned shard -> its Parquet file -> one summary row."""
-    skips = SkipReport()
+    skips, flagged = SkipReport(), SkipReport(action="flagged")
     rows = []
     for item in json.loads(task["items"]):
-        checked = _checked_image(item, config, skips)
-        if checked is not None:
-            row = to_task_row(checked[0], checked[1], skips)
-            if row is not None:
-                rows.append(row)
+        checked, image = _checked_image(item, config)
+        row = to_task_row(checked, image, skips)
+        flagged_report(checked, row, flagged)
+        if row is not None:
+            rows.append(row)
     write_shard(rows, task["uri"], config.storage)
     exprs = [e for r in rows for e in r["expressions"]]
     return {"split": task["split"], "index": task["index"], "uri": task["uri"], "rows": len(rows),
             "expressions": len(exprs), "no_target": sum(1 for e in exprs if e["no_target"]),
-            "skips": json.dumps(skips.to_dict())}
+            "flagged_rows": sum(1 for r in rows if r["error"]),
+            "skips": json.dumps(skips.to_dict()), "flagged": json.dumps(flagged.to_dict())}
 
 
 def build_graph(plan: ray.data.Dataset, config: PrepareConfig) -> ray.data.Dataset:
@@ -198,6 +211,7 @@ def run(items: list[ImageItem], config: PrepareConfig, skips: SkipReport | None 
     import ray.data
 
     skips = skips if skips is not None else SkipReport()
+    flagged = SkipReport(action="flagged")
     plan = plan_shards(items, config)
     summaries = []
     if plan:
@@ -205,16 +219,18 @@ def run(items: list[ImageItem], config: PrepareConfig, skips: SkipReport | None 
         summaries = sorted(graph.take_all(), key=lambda s: (s["split"], s["index"]))
     per_split: dict[str, dict[str, int]] = {}
     for s in summaries:
-        entry = per_split.setdefault(s["split"], {"rows": 0, "expressions": 0, "no_target": 0, "files": 0})
-        for key in ("rows", "expressions", "no_target"):
+        entry = per_split.setdefault(s["split"], {"rows": 0, "expressions": 0, "no_target": 0, "flagged_rows": 0,
+                                                  "files": 0})
+        for key in ("rows", "expressions", "no_target", "flagged_rows"):
             entry[key] += s[key]
         entry["files"] += 1
         skips = skips + SkipReport.from_dict(json.loads(s["skips"]))
+        flagged = flagged + SkipReport.from_dict(json.loads(s["flagged"]), action="flagged")
     files = [s["uri"] for s in summaries]
     stale = _remove_stale(config, set(files))
     if stale:
         log.info("removed %d stale shard(s) of a previous run: %s", len(stale), stale)
-    result = PrepareResult(config.out, files, per_split, skips)
+    result = PrepareResult(config.out, files, per_split, skips, flagged)
     fs, path = filesystem(join(config.out, SUMMARY_FILE), config.storage)
     fs.makedirs(fs._parent(path), exist_ok=True)
     fs.pipe(path, json.dumps(result.to_dict(), indent=1).encode("utf-8"))

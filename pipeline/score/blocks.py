@@ -1,7 +1,9 @@
 """Per-block work of the score job, pure pyarrow/numpy (no Ray): key both inputs, then score one bucket.
 
 Ground truth (task shards, one row per image) and predictions (one row per expression) become rows of one
-KEYED_SCHEMA, hashed on (dataset, expression_id) into buckets. `score_bucket` receives every row of a
+KEYED_SCHEMA, hashed on (dataset, expression_id) into buckets, or on expression_id alone when the predictions
+carry no `dataset` (`by_dataset=False`: minimal predictions of another system; the groups then come from the
+ground truth, whose expression ids must be unique). `score_bucket` receives every row of a
 bucket, joins them locally, scores each labelled expression from its RLEs and returns partial sums
 (`ScoreStats` per group, `InputCounts`, `CaseBook`) as JSON rows, which `pipeline.score.graph` adds up.
 """
@@ -24,8 +26,9 @@ from pipeline.score.masks import Masks, enclosing_boxes
 KEY_SEPARATOR = "\x1f"
 GT_COLUMNS = ["image_id", "split", "dataset", "expressions"]
 SOURCE_COLUMN = PATH_COLUMN  # added by pipeline.parquet.read_parquet(include_paths=True)
-PREDICTION_REQUIRED = ["expression_id", "dataset", "rejected", "mask", "status"]
-PREDICTION_OPTIONAL = ["image_id", "split", "text", "forced_mask", "model", "mode"]
+PREDICTION_REQUIRED = ["expression_id", "rejected", "mask"]
+#: Read where present; absent ones are null. A null `status` counts as "ok" (a system without the column).
+PREDICTION_OPTIONAL = ["status", "dataset", "image_id", "split", "text", "forced_mask", "model", "mode"]
 EXAMPLES_KEPT = 5  # unmatched prediction keys quoted in the report
 KEYED_SCHEMA = pa.schema([
     ("side", pa.string()), ("bucket", pa.int64()), ("rank", pa.int64()), ("source", pa.string()),
@@ -48,8 +51,9 @@ class InputCounts:
     scored: int = 0
     missing: int = 0  # labelled expressions without any prediction
     error_status: int = 0
-    bad_masks: int = 0  # status ok but mask null or of another size than the ground truth
-    bad_forced_masks: int = 0  # forced_mask of another size: ignored
+    bad_masks: int = 0  # status ok but mask null, invalid RLE (score.masks) or of another size than the ground truth
+    bad_forced_masks: int = 0  # forced_mask invalid or of another size: ignored
+    bad_gt_masks: int = 0  # ground-truth masks that are invalid RLE: their expressions are not scored
     duplicates: int = 0  # extra predictions for an already predicted key: ignored
     without_ground_truth: int = 0  # predictions whose key has no labelled ground truth: reported only
     without_ground_truth_examples: list[str] = field(default_factory=list)
@@ -82,8 +86,8 @@ def _key_hash(dataset: pa.Array, expression_id: pa.Array) -> np.ndarray:
     return pd.util.hash_array(values, categorize=False)
 
 
-def _keyed(side: str, columns: dict[str, pa.Array], n: int, partitions: int) -> pa.Table:
-    h = _key_hash(columns["dataset"], columns["expression_id"])
+def _keyed(side: str, columns: dict[str, pa.Array], n: int, partitions: int, by_dataset: bool) -> pa.Table:
+    h = _key_hash(columns["dataset"] if by_dataset else pa.nulls(n, pa.string()), columns["expression_id"])
     columns = dict(columns, side=pa.array([side] * n, pa.string()),
                    bucket=pa.array((h % np.uint64(partitions)).astype(np.int64)),
                    rank=pa.array(h.view(np.int64)))
@@ -91,7 +95,7 @@ def _keyed(side: str, columns: dict[str, pa.Array], n: int, partitions: int) -> 
                      for f in KEYED_SCHEMA], schema=KEYED_SCHEMA)
 
 
-def explode_ground_truth(batch: pa.Table, partitions: int) -> pa.Table:
+def explode_ground_truth(batch: pa.Table, partitions: int, by_dataset: bool = True) -> pa.Table:
     """Task-shard rows (one per image) -> keyed ground-truth rows (one per expression)."""
     missing = [c for c in GT_COLUMNS if c not in batch.schema.names]
     if missing:
@@ -108,36 +112,46 @@ def explode_ground_truth(batch: pa.Table, partitions: int) -> pa.Table:
     if cols["expression_id"].null_count:
         first = cols["image_id"].filter(cols["expression_id"].is_null())[0].as_py()
         raise ValueError(f"ground truth of image {first!r} has an expression without expression_id")
-    return _keyed("gt", cols, len(flat), partitions)
+    return _keyed("gt", cols, len(flat), partitions, by_dataset)
 
 
-def key_predictions(batch: pa.Table, partitions: int) -> pa.Table:
-    """Prediction rows -> keyed rows (same schema as the ground truth's)."""
-    missing = [c for c in PREDICTION_REQUIRED if c not in batch.schema.names]
+def key_predictions(batch: pa.Table, partitions: int, by_dataset: bool = True) -> pa.Table:
+    """Prediction rows -> keyed rows (same schema as the ground truth's); a null or absent status is "ok"."""
+    missing = [c for c in PREDICTION_REQUIRED + (["dataset"] if by_dataset else []) if c not in batch.schema.names]
     if missing:
         raise ValueError(f"predictions lack column(s) {missing}")
     cols = {c: batch.column(c).combine_chunks() for c in PREDICTION_REQUIRED + PREDICTION_OPTIONAL
             if c in batch.schema.names}
-    return _keyed("pred", cols, batch.num_rows, partitions)
+    status = cols.get("status", pa.nulls(batch.num_rows, pa.string()))
+    cols["status"] = pc.fill_null(status.cast(pa.string()), STATUS_OK)
+    cols.setdefault("dataset", pa.nulls(batch.num_rows, pa.string()))
+    return _keyed("pred", cols, batch.num_rows, partitions, by_dataset)
 
 
-def _match(gt: dict, pr: dict, counts: InputCounts) -> tuple[np.ndarray, list[int | None]]:
+def _match(gt: dict, pr: dict, counts: InputCounts, by_dataset: bool = True) -> tuple[np.ndarray, list[int | None]]:
     """Labelled ground-truth rows and, for each, its prediction row (None when missing).
 
     `gt` holds dataset, expression_id, labelled; `pr` dataset, expression_id, status (Python lists). A key
-    predicted more than once keeps an "ok" row if it has one; the extra rows are counted.
+    predicted more than once keeps an "ok" row if it has one; the extra rows are counted. Without
+    `by_dataset` the key is the expression id alone.
     """
-    gt_keys = list(zip(gt["dataset"], gt["expression_id"]))
+    def keys(side: dict) -> list[tuple]:
+        datasets = side["dataset"] if by_dataset else [""] * len(side["expression_id"])
+        return list(zip(datasets, side["expression_id"]))
+
+    gt_keys = keys(gt)
     if len(set(gt_keys)) != len(gt_keys):
         seen: set = set()
         dup = next(k for k in gt_keys if k in seen or seen.add(k))
-        raise ValueError(f"ground truth holds expression {dup[1]!r} of dataset {dup[0]!r} more than once")
+        hint = "" if by_dataset else (" (predictions without a dataset column are matched on expression_id "
+                                      "alone, so the ground truth must not repeat one across datasets)")
+        raise ValueError(f"ground truth holds expression {dup[1]!r} of dataset {dup[0]!r} more than once{hint}")
     idx = np.flatnonzero(np.asarray(gt["labelled"], dtype=bool))
     counts.unlabelled = len(gt_keys) - len(idx)
     labelled = {gt_keys[k] for k in idx}
     chosen: dict[tuple, int] = {}
     unmatched: list[str] = []
-    for j, key in enumerate(zip(pr["dataset"], pr["expression_id"])):
+    for j, key in enumerate(keys(pr)):
         if key not in labelled:
             unmatched.append(f"{key[0]}/{key[1]}")
         elif key in chosen:
@@ -151,21 +165,21 @@ def _match(gt: dict, pr: dict, counts: InputCounts) -> tuple[np.ndarray, list[in
     return idx, [chosen.get(gt_keys[k]) for k in idx]
 
 
-def _inputs(gt: pa.Table, pred: pa.Table, counts: InputCounts) -> tuple[metrics.ExpressionInputs, list[str | None]]:
-    """ExpressionInputs of aligned ground-truth / prediction rows (a null prediction row = missing), and why
-    each failed row failed ("missing", "error", "bad mask")."""
-    gt_mask = Masks.from_arrow(gt.column("gt_mask"))
+def _inputs(gt: pa.Table, gt_mask: Masks, pred: pa.Table,
+            counts: InputCounts) -> tuple[metrics.ExpressionInputs, list[str | None], np.ndarray]:
+    """ExpressionInputs of aligned ground-truth / prediction rows (a null prediction row = missing), why each
+    failed row failed ("missing", "error", "bad mask"), and which prediction masks are usable."""
     mask = Masks.from_arrow(pred.column("mask"))
     forced = Masks.from_arrow(pred.column("forced_mask"))
     missing = pc.is_null(pred.column("side")).to_numpy(zero_copy_only=False)
     status_ok = pc.fill_null(pc.equal(pred.column("status"), STATUS_OK), False).to_numpy(zero_copy_only=False)
     same_size = (mask.height == gt_mask.height) & (mask.width == gt_mask.width)
-    mask_ok = np.array([c is not None for c in mask.counts], dtype=bool) & same_size
+    mask_ok = mask.usable() & same_size
     error = ~missing & ~status_ok
     bad = ~missing & status_ok & ~mask_ok
     reason = np.where(missing, "missing", np.where(error, "error", np.where(bad, "bad mask", ""))).tolist()
     counts.missing, counts.error_status, counts.bad_masks = int(missing.sum()), int(error.sum()), int(bad.sum())
-    wrong_forced = np.array([c is not None for c in forced.counts], dtype=bool) & (
+    wrong_forced = forced.invalid | forced.usable() & (
         (forced.height != gt_mask.height) | (forced.width != gt_mask.width))
     counts.bad_forced_masks = int((wrong_forced & status_ok).sum())
     for k in np.flatnonzero(wrong_forced):
@@ -177,24 +191,27 @@ def _inputs(gt: pa.Table, pred: pa.Table, counts: InputCounts) -> tuple[metrics.
         failed=missing | error | bad,
         rejected=pc.fill_null(pred.column("rejected"), False).to_numpy(zero_copy_only=False).astype(bool),
         mask=mask, forced_mask=forced)
-    return inputs, [r or None for r in reason]
+    return inputs, [r or None for r in reason], mask_ok
 
 
-def score_bucket(batch: pa.Table, protocol: str, by: tuple[str, ...], per_kind: int) -> pa.Table:
+def score_bucket(batch: pa.Table, protocol: str, by: tuple[str, ...], per_kind: int,
+                 by_dataset: bool = True) -> pa.Table:
     """All rows of one key bucket -> PARTIAL_SCHEMA rows: a ScoreStats per group, InputCounts, CaseBook."""
     side = batch.column("side")
     gt_rows = batch.filter(pc.equal(side, "gt"))
     pr_rows = batch.filter(pc.equal(side, "pred"))
-    labelled = pc.and_(pc.is_valid(gt_rows.column("no_target")), pc.is_valid(gt_rows.column("gt_mask")))
-    gt = {**gt_rows.select(["dataset", "expression_id"]).to_pydict(), "labelled": labelled.to_pylist()}
+    gt_mask = Masks.from_arrow(gt_rows.column("gt_mask"))  # validated once; an invalid one is not scored
+    labelled = pc.is_valid(gt_rows.column("no_target")).to_numpy(zero_copy_only=False) & gt_mask.usable()
+    gt = {**gt_rows.select(["dataset", "expression_id"]).to_pydict(), "labelled": labelled.tolist()}
     pr = pr_rows.select(["dataset", "expression_id", "status"]).to_pydict()
     counts = InputCounts(predictions_read=pr_rows.num_rows, ground_truth_expressions=gt_rows.num_rows,
+                         bad_gt_masks=int(gt_mask.invalid.sum()),
                          models=sorted(set(pr_rows.column("model").to_pylist()) - {None}),
                          modes=sorted(set(pr_rows.column("mode").to_pylist()) - {None}))
-    idx, match = _match(gt, pr, counts)
+    idx, match = _match(gt, pr, counts, by_dataset)
     gt_rows = gt_rows.take(pa.array(idx, pa.int64()))
     pred = pr_rows.take(pa.array(match, pa.int64()))  # null rows where missing
-    inputs, reason = _inputs(gt_rows, pred, counts)
+    inputs, reason, mask_ok = _inputs(gt_rows, gt_mask.take(idx), pred, counts)
     scores = metrics.score_expressions(inputs, protocol)
 
     rows = [("inputs", None, json.dumps(counts.to_dict()))]
@@ -205,6 +222,7 @@ def score_bucket(batch: pa.Table, protocol: str, by: tuple[str, ...], per_kind: 
         rows.append(("stats", name, json.dumps(stats.to_dict())))
     decisions = [decision_label(r, bool(rej)) for r, rej in zip(reason, inputs.rejected)]
     shown = gt_rows.select(["dataset", "expression_id", "image_id", "split", "text", "gt_mask", "rank", "source"])
-    book = CaseBook.from_block(scores, shown.append_column("mask", pred.column("mask")), decisions, per_kind)
+    usable_mask = pc.if_else(pa.array(mask_ok), pred.column("mask"), pa.nulls(pred.num_rows, RLE_TYPE))
+    book = CaseBook.from_block(scores, shown.append_column("mask", usable_mask), decisions, per_kind)
     rows.append(("cases", None, json.dumps(book.to_dict())))
     return pa.table(list(map(list, zip(*rows))), schema=PARTIAL_SCHEMA)

@@ -4,7 +4,8 @@
                                                  union -> groupby(key bucket).map_groups(score_bucket)
     read predictions -> key rows ---------------/          -> partial ScoreStats / CaseBook / InputCounts
 
-Both sides are keyed by (dataset, expression_id) and hashed into `partitions` buckets; a bucket holds every
+Both sides are keyed by (dataset, expression_id) (by expression_id alone for predictions without `dataset`)
+and hashed into `partitions` buckets; a bucket holds every
 row of its keys, so the join is local to it (a hash-partitioned join that scales with the cluster and needs
 no extra package). Each bucket computes per-expression statistics from the RLEs and emits its sums; the
 driver only adds those few partial sums (`ScoreStats.__add__`), never a mask.
@@ -13,9 +14,13 @@ driver only adds those few partial sums (`ScoreStats.__add__`), never a mask.
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from pipeline.parquet import READ_TASK_CPUS
+import pyarrow as pa
+
+from pipeline.parquet import READ_TASK_CPUS, check_schema
+from pipeline.schemas import PREDICTION_SCHEMA, TASK_OPTIONAL, TASK_SCHEMA
 from pipeline.score import metrics
 from pipeline.score.blocks import (
     GT_COLUMNS,
@@ -27,11 +32,13 @@ from pipeline.score.blocks import (
     score_bucket,
 )
 from pipeline.score.cases import CaseBook
-from pipeline.storage import StorageOptions, filesystem
+from pipeline.storage import StorageError, StorageOptions, describe_error, filesystem
 
 GROUP_COLUMNS = ("split", "dataset")
 BUCKET_PARQUET_BYTES = 16 * 2**20  # prediction Parquet per join bucket at most (~100k expressions)
 MIN_BUCKET_PARQUET_BYTES = 2**20  # ... and at least, unless the whole input is smaller
+FOOTER_THREADS = 16  # footers of many prediction files on S3: latency-bound
+GT_SCHEMA = pa.schema([TASK_SCHEMA.field(c) for c in GT_COLUMNS])
 
 
 @dataclass(frozen=True)
@@ -70,52 +77,85 @@ class ScoreResult:
         return total
 
 
+@dataclass(frozen=True)
+class PredictionColumns:
+    """What `check_inputs` found in every predictions file: the columns to read (absent ones read as null)
+    and whether the join can use `dataset` (every file has it)."""
+
+    columns: tuple[str, ...]
+    by_dataset: bool
+
+    @property
+    def schema(self) -> pa.Schema:
+        return pa.schema([PREDICTION_SCHEMA.field(c) for c in self.columns])
+
+
 def read_parquet(uri: str, storage: StorageOptions, columns: list[str] | None = None,
-                 include_paths: bool = False):
-    """Lazy read of a Parquet file or folder (local or s3://), one task per file; `columns` alone are read."""
+                 include_paths: bool = False, schema: pa.Schema | None = None, optional: tuple[str, ...] = ()):
+    """Lazy read of a Parquet file or folder (local or s3://), one task per file; `columns` alone are read,
+    cast to `schema` (absent `optional` columns read as null)."""
     from pipeline import parquet
 
-    return parquet.read_parquet(parquet.list_parquet(uri, storage), storage, columns, include_paths)
+    return parquet.read_parquet(parquet.list_parquet(uri, storage), storage, columns, include_paths, schema,
+                                optional)
 
 
-def parquet_columns(uri: str, storage: StorageOptions) -> list[str]:
-    """Column names of a Parquet file, or of the first Parquet file under a folder (footer only, no Ray)."""
+def _schemas(uri: str, storage: StorageOptions) -> list[tuple[str, pa.Schema]]:
+    """(file, Arrow schema) of every Parquet file at `uri` (file or folder), footers only, no Ray."""
     import pyarrow.parquet as pq
 
-    fs, path = filesystem(uri, storage)
-    if fs.isdir(path):
-        files = sorted(f for f in fs.find(path) if f.endswith(".parquet"))
-        if not files:
-            raise ValueError(f"{uri} holds no .parquet file")
-        path = files[0]
-    with fs.open(path, "rb") as f:
-        return pq.read_schema(f).names
+    from pipeline.parquet import list_parquet
+
+    files = list_parquet(uri, storage)
+    if not files:
+        raise ValueError(f"{uri} holds no .parquet file")
+
+    def schema(f: str) -> tuple[str, pa.Schema]:
+        fs, path = filesystem(f, storage)
+        try:
+            with fs.open(path, "rb") as fh:
+                return f, pq.read_schema(fh)
+        except Exception as exc:  # noqa: BLE001 - one line naming the file, whatever pyarrow or fsspec raised
+            raise StorageError(f"{f} is not a readable Parquet file: {describe_error(f, exc)}") from exc
+
+    with ThreadPoolExecutor(FOOTER_THREADS) as pool:
+        return list(pool.map(schema, files))
 
 
-def check_inputs(cfg: ScoreConfig) -> list[str]:
-    """Fail early, naming the input and the columns, when either side lacks what scoring needs.
+def check_inputs(cfg: ScoreConfig) -> PredictionColumns:
+    """Fail early, naming the file and the columns, when any file of either side lacks what scoring needs or
+    holds it with an unusable type (every file is checked, footers only).
 
-    Returns the prediction columns to read (required plus whichever optional ones exist).
+    Predictions need expression_id, rejected, mask; `PREDICTION_OPTIONAL` columns are read where present.
     """
-    missing = [c for c in GT_COLUMNS if c not in parquet_columns(cfg.ground_truth, cfg.storage)]
-    if missing:
-        raise ValueError(f"ground truth {cfg.ground_truth} lacks column(s) {missing}")
-    pred_names = parquet_columns(cfg.predictions, cfg.storage)
-    missing = [c for c in PREDICTION_REQUIRED if c not in pred_names]
-    if missing:
-        raise ValueError(f"predictions {cfg.predictions} lack column(s) {missing}")
-    return [c for c in PREDICTION_REQUIRED + PREDICTION_OPTIONAL if c in pred_names]
+    for uri, schema in _schemas(cfg.ground_truth, cfg.storage):
+        problem = check_schema(uri, schema, GT_SCHEMA, TASK_OPTIONAL)
+        if problem is not None:
+            raise ValueError(f"ground truth {problem}")
+    present: set[str] = set()
+    by_dataset = True
+    expected = pa.schema([PREDICTION_SCHEMA.field(c) for c in PREDICTION_REQUIRED + PREDICTION_OPTIONAL])
+    for uri, schema in _schemas(cfg.predictions, cfg.storage):
+        problem = check_schema(uri, schema, expected, tuple(PREDICTION_OPTIONAL))
+        if problem is not None:
+            raise ValueError(f"predictions {problem}")
+        present |= set(schema.names)
+        by_dataset = by_dataset and "dataset" in schema.names
+    return PredictionColumns(tuple(c for c in PREDICTION_REQUIRED + PREDICTION_OPTIONAL if c in present), by_dataset)
 
 
-def build(cfg: ScoreConfig, partitions: int, prediction_columns: list[str]):
+def build(cfg: ScoreConfig, partitions: int, predictions: PredictionColumns):
     """The lazy graph: Dataset of partial sums (a few rows per bucket)."""
     from ray.data.context import ShuffleStrategy
 
+    keying = {"partitions": partitions, "by_dataset": predictions.by_dataset}
     # Keying runs with the read's CPU share so Ray Data fuses it into the read task (no extra hop).
-    gt = read_parquet(cfg.ground_truth, cfg.storage, GT_COLUMNS, include_paths=True).map_batches(
-        explode_ground_truth, batch_format="pyarrow", num_cpus=READ_TASK_CPUS, fn_kwargs={"partitions": partitions})
-    preds = read_parquet(cfg.predictions, cfg.storage, prediction_columns).map_batches(
-        key_predictions, batch_format="pyarrow", num_cpus=READ_TASK_CPUS, fn_kwargs={"partitions": partitions})
+    gt = read_parquet(cfg.ground_truth, cfg.storage, GT_COLUMNS, include_paths=True, schema=GT_SCHEMA,
+                      optional=TASK_OPTIONAL).map_batches(
+        explode_ground_truth, batch_format="pyarrow", num_cpus=READ_TASK_CPUS, fn_kwargs=keying)
+    preds = read_parquet(cfg.predictions, cfg.storage, list(predictions.columns), schema=predictions.schema,
+                         optional=tuple(PREDICTION_OPTIONAL)).map_batches(
+        key_predictions, batch_format="pyarrow", num_cpus=READ_TASK_CPUS, fn_kwargs=keying)
     joined = gt.union(preds)
     # Sort-based grouping: on a small cluster Ray 2.60's default hash shuffle (SHUFFLE_V2) starts its own
     # worker pool and took ~10 s for 200k small rows on 2 cores, the pull-based sort ~0.7 s. Set on this
@@ -123,7 +163,8 @@ def build(cfg: ScoreConfig, partitions: int, prediction_columns: list[str]):
     joined.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     return joined.groupby("bucket", num_partitions=partitions).map_groups(
         score_bucket, batch_format="pyarrow",
-        fn_kwargs={"protocol": cfg.protocol, "by": tuple(cfg.by), "per_kind": cfg.cases_per_kind})
+        fn_kwargs={"protocol": cfg.protocol, "by": tuple(cfg.by), "per_kind": cfg.cases_per_kind,
+                   "by_dataset": predictions.by_dataset})
 
 
 def reduce_partials(rows) -> ScoreResult:
@@ -153,8 +194,8 @@ def default_partitions(cfg: ScoreConfig) -> int:
     return max(1, by_cpu, -(-size // BUCKET_PARQUET_BYTES))
 
 
-def score(cfg: ScoreConfig, prediction_columns: list[str] | None = None) -> ScoreResult:
+def score(cfg: ScoreConfig, predictions: PredictionColumns | None = None) -> ScoreResult:
     """Run the graph on the connected Ray cluster and reduce its partial sums."""
-    columns = prediction_columns or check_inputs(cfg)
+    predictions = predictions or check_inputs(cfg)
     partitions = cfg.partitions or default_partitions(cfg)
-    return reduce_partials(build(cfg, partitions, columns).iter_rows())
+    return reduce_partials(build(cfg, partitions, predictions).iter_rows())

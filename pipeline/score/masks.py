@@ -1,7 +1,10 @@
 """Masks of one block as pycocotools reads them, and the few batch operations scoring needs on them.
 
 Built straight from the Arrow RLE struct column (counts as bytes, sizes as numpy): no Python dict per row
-until pycocotools is called, and no mask is ever decoded to a dense array. `intersections` computes the same
+until pycocotools is called, and no mask is ever decoded to a dense array. Every RLE is validated once, here,
+on read (`pipeline.masks.rle_problems`): an unusable one (size not [h, w] or negative, counts that are not
+valid COCO RLE or do not add up to h*w) becomes "no mask" and is marked in `invalid`, so pycocotools never
+sees it (it would loop or write past the mask). `intersections` computes the same
 numbers as `pipeline.masks.intersection_union` (pycocotools merge + area), without its per-call conversions.
 """
 
@@ -15,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pycocotools import mask as mask_utils
 
-from pipeline.masks import RLE
+from pipeline.masks import RLE, rle_problems
 from pipeline.schemas import RLE_TYPE
 
 BOXES_TYPE = pa.list_(pa.list_(pa.float64()))  # gt_boxes: per target [x, y, w, h]
@@ -28,23 +31,31 @@ class Masks:
     counts: list[bytes | None]
     height: np.ndarray  # (N,) int64, 0 where no mask
     width: np.ndarray
+    invalid: np.ndarray | None = None  # (N,) bool: a mask was given but is unusable (now counts None)
 
     def __len__(self) -> int:
         return len(self.counts)
 
     @classmethod
     def from_arrow(cls, column: pa.Array | pa.ChunkedArray) -> Masks:
-        """From an RLE_TYPE struct column, without building a Python object per size list."""
+        """From an RLE_TYPE struct column, without building a Python object per size list; unusable RLEs
+        (see the module docstring) are dropped to "no mask" and marked in `invalid`."""
         counts = pc.struct_field(column, "counts")
         valid = pc.and_(pc.is_valid(column), pc.is_valid(counts)).to_numpy(zero_copy_only=False)
         size = pc.struct_field(column, "size")
-        has_size = valid & (pc.fill_null(pc.list_value_length(size), 0).to_numpy(zero_copy_only=False) == 2)
+        lengths = pc.fill_null(pc.list_value_length(size), 0).to_numpy(zero_copy_only=False)
+        sizes_ok = (lengths == 2) & pc.is_valid(size).to_numpy(zero_copy_only=False)
+        has_size = valid & sizes_ok
         hw = np.zeros((len(valid), 2), np.int64)
         if has_size.any():
-            hw[has_size] = pc.list_flatten(pc.filter(size, pa.array(has_size))).to_numpy(
-                zero_copy_only=False).reshape(-1, 2)
-        data = counts.cast(pa.binary()).to_pylist()
-        return cls([d if ok else None for d, ok in zip(data, has_size)], hw[:, 0], hw[:, 1])
+            flat = pc.list_flatten(pc.filter(size, pa.array(has_size)))
+            hw[has_size] = pc.fill_null(flat, -1).to_numpy(zero_copy_only=False).reshape(-1, 2)
+        binary = counts.cast(pa.binary())
+        problems = rle_problems(binary, hw[:, 0], hw[:, 1])  # from the Arrow buffers: no per-mask objects
+        usable = has_size & np.array([p is None for p in problems], dtype=bool)
+        data = binary.to_pylist()
+        hw[~usable] = 0
+        return cls([d if ok else None for d, ok in zip(data, usable)], hw[:, 0], hw[:, 1], valid & ~usable)
 
     @classmethod
     def from_rles(cls, rles: Sequence[RLE | None]) -> Masks:
@@ -52,6 +63,17 @@ class Masks:
 
     def __post_init__(self) -> None:
         self._sizes = list(zip(self.height.tolist(), self.width.tolist()))  # plain ints for pycocotools
+        if self.invalid is None:
+            self.invalid = np.zeros(len(self.counts), bool)
+
+    def take(self, rows: np.ndarray) -> Masks:
+        """The masks at `rows` (already validated: no second check)."""
+        rows = np.asarray(rows, np.int64)
+        return Masks([self.counts[k] for k in rows], self.height[rows], self.width[rows], self.invalid[rows])
+
+    def usable(self) -> np.ndarray:
+        """(N,) bool: a valid mask is present."""
+        return np.array([c is not None for c in self.counts], dtype=bool)
 
     def coco(self, i: int) -> dict:
         return {"size": self._sizes[i], "counts": self.counts[i]}

@@ -16,7 +16,8 @@ Definitions (carried over from the public evaluators, see README "Metrics"):
 - Classic RES, the same under both protocols, on the mask the model outputs (rejection = empty):
   mIoU = mean per-expression IoU (1 when both masks are empty); REC Acc@0.5 = share of targets whose
   predicted mask's tight box has IoU >= 0.5 with the ground-truth box (an empty mask misses).
-- A failed expression (prediction missing, `status = "error"`, or a mask of the wrong size) counts against
+- A failed expression (prediction missing, `status = "error"`, or an unusable mask: null, invalid RLE, or of
+  another size than the ground truth) counts against
   the model both ways: a target as rejected (IoU 0), a no-target as not rejected (IoU 0).
 """
 

@@ -14,10 +14,11 @@ import numpy as np
 
 from gsva.overlay import blend
 from pipeline import masks
+from pipeline.images import ImageError, decode_image, read_image_bytes
 from pipeline.score import metrics
 from pipeline.score.cases import KINDS, CaseBook
 from pipeline.score.graph import ScoreConfig
-from pipeline.storage import filesystem
+from pipeline.storage import StorageError, filesystem
 
 BAR_KEYS = ("giou", "ciou", "n_acc", "t_acc", "miou", "rec_acc@0.5")
 GT_COLOUR = "cyan"  # outline; both colours stay apart from the shapes' red, green, blue and yellow
@@ -98,13 +99,6 @@ def _pct(v: float | None) -> str:
     return "n/a" if v is None else f"{100 * v:.2f}%"
 
 
-def _decode_image(data: bytes) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("RGB"))
-
-
 def load_case_images(cfg: ScoreConfig, cases: CaseBook) -> dict[tuple[str, str], np.ndarray | None]:
     """RGB images of the picked cases, None where unreadable (the picture then shows the masks alone).
 
@@ -132,13 +126,15 @@ def load_case_images(cfg: ScoreConfig, cases: CaseBook) -> dict[tuple[str, str],
 
 
 def _read_image(row: dict, cfg: ScoreConfig) -> np.ndarray | None:
+    """The case's RGB pixels through the pipeline's one reader and decoder (regular files within the byte cap
+    only), None when the image cannot be used."""
+    name = f"image {row['image_id']}"
     try:
         data = row["image"]
         if data is None and row["image_uri"]:
-            fs, path = filesystem(row["image_uri"], cfg.storage)
-            data = fs.cat_file(path)
-        return _decode_image(data) if data is not None else None
-    except Exception:  # noqa: BLE001 - unreadable image: the picture shows the masks alone
+            data = read_image_bytes(row["image_uri"], cfg.storage)
+        return decode_image(data, name) if data is not None else None
+    except (ImageError, StorageError):  # unreadable image: the picture shows the masks alone
         return None
 
 

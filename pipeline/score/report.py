@@ -81,7 +81,8 @@ def markdown(doc: dict, comparison: list[str] | None = None) -> str:
             f"{n['ground_truth_expressions']}, scored: {n['scored']}, unlabelled (not scored): "
             f"{n['unlabelled']}",
             f"- counted as errors (against the model): missing {n['missing']}, status error "
-            f"{n['error_status']}, unusable mask {n['bad_masks']}",
+            f"{n['error_status']}, unusable mask (null, invalid RLE or another size) {n['bad_masks']}",
+            f"- ground-truth masks that are invalid RLE (not scored): {n['bad_gt_masks']}",
             f"- predictions without ground truth (not scored): {n['without_ground_truth']}"
             + (f", e.g. {', '.join(n['without_ground_truth_examples'])}"
                if n["without_ground_truth_examples"] else ""),

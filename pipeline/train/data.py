@@ -44,7 +44,8 @@ class DecodeRow:
     """Ray Data row function: image bytes (embedded or at ``image_uri``) -> ``pixels`` (H, W, 3) uint8.
 
     An image that cannot be used keeps its row, with empty ``pixels`` and the reason in ``error`` ("" when
-    fine): the worker skips and counts it (one bad image must not kill a multi-hour run).
+    fine): the worker skips and counts it (one bad image must not kill a multi-hour run). An image prepare
+    flagged (the shard's ``error``) is never read.
     """
 
     storage: StorageOptions = StorageOptions()
@@ -52,6 +53,8 @@ class DecodeRow:
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         name = f"image {row.get('image_id')} ({row.get('image_uri') or 'embedded'})"
         try:
+            if row.get("error"):
+                raise ImageError(str(row["error"]), "flagged by prepare")
             data = row.get("image")
             if data is None:
                 if not row.get("image_uri"):
@@ -89,11 +92,12 @@ def _plain(value: Any) -> Any:
 
 
 def labelled(expressions: Any) -> list[dict[str, Any]]:
-    """The expressions usable for training / scoring: with a text and a ground-truth mask."""
+    """The expressions usable for training / scoring: with a text and a ground-truth mask, not flagged."""
     out = []
     for e in expressions if expressions is not None else []:
         e = _plain(e)
-        if e.get("text") and e.get("gt_mask") is not None and e["gt_mask"].get("counts") is not None:
+        if e.get("text") and not e.get("error") and e.get("gt_mask") is not None \
+                and e["gt_mask"].get("counts") is not None:
             out.append(e)
     return out
 

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.prepare.formats.items import ImageItem, SkipReport, SourceError, resolve_within
+from pipeline.prepare.formats.items import ESCAPES_ROOT, ImageItem, SkipReport, SourceError, flag, resolve_within
 from pipeline.storage import StorageOptions, filesystem
 
 
@@ -143,17 +143,18 @@ def refs_to_items(refs: Iterable[dict[str, Any]], index: CocoIndex, *, dataset: 
                 uris[image_id] = resolve_within(images_root, img["file_name"])
             except ValueError as exc:
                 uris[image_id] = exc
-        if problem is None and isinstance(uris[image_id], ValueError):
-            problem = ("image path escapes root", str(uris[image_id]))
         if problem:
             skips.add(problem[0], where, problem[1], expressions=len(sentences))
             continue
         item = items.get((split, image_id))
         if item is None:
+            uri = uris[image_id]
             item = items[(split, image_id)] = {
-                "image_id": str(image_id), "image_uri": uris[image_id], "width": int(img["width"]),
-                "height": int(img["height"]), "split": split, "dataset": dataset, "annotations": {},
-                "expressions": []}
+                "image_id": str(image_id), "image_uri": None if isinstance(uri, ValueError) else uri,
+                "width": int(img["width"]), "height": int(img["height"]), "split": split, "dataset": dataset,
+                "annotations": {}, "expressions": []}
+            if isinstance(uri, ValueError):  # kept with its reason, never read
+                flag(item, ESCAPES_ROOT, str(uri))
         for ann_id in ref["ann_ids"]:
             ann = index.anns[ann_id]
             item["annotations"][str(ann_id)] = {"segmentation": ann["segmentation"], "bbox": ann.get("bbox")}

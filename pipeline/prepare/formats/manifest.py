@@ -2,10 +2,15 @@
 
 For annotation without ground truth: `no_target`, `gt_mask`, `gt_boxes` are null, and so are `width` and
 `height` unless prepare embeds (and therefore opens) the images. `image` is a URI (s3://, file://), an
-absolute path, or a path relative to the manifest's folder that must stay inside it. Rows of one image
-become one task row (expressions grouped by image, in manifest order). Without an `id` column an
-expression's id is derived from its content (image + text), so it is stable when the manifest is re-sorted
-or extended.
+absolute path, or a path relative to the manifest's folder whose real path (symbolic links resolved) must
+stay inside the folder's real path. Rows of one image become one task row (expressions grouped by image, in
+manifest order). Without an `id` column an expression's id is derived from its content (image + text), so
+it is stable when the manifest is re-sorted or extended.
+
+Every row becomes exactly one expression of the shards, and so one prediction row: a row without an image
+reference, with an image path leaving the folder, or with an empty expression is *flagged* (kept with its
+reason in `error`; see `items.flag`), never dropped. The one exception is a row repeating an earlier row's
+expression id, which is skipped and reported (an output cannot hold two rows of one id).
 """
 
 from __future__ import annotations
@@ -17,9 +22,11 @@ import posixpath
 from typing import Any
 
 from pipeline.prepare.formats.items import (
+    ESCAPES_ROOT,
     ImageItem,
     SkipReport,
     SourceError,
+    flag,
     has_scheme,
     read_task_rows_with,
     resolve_within,
@@ -77,39 +84,50 @@ def _expression_id(image: str, text: str) -> str:
     return hashlib.sha1(f"{image}\n{text}".encode()).hexdigest()[:ID_HEX_DIGITS]
 
 
+def _item(image: str | None, uri: str | None, dataset: str) -> ImageItem:
+    return {"image_id": image, "image_uri": uri, "width": None, "height": None, "split": SPLIT,
+            "dataset": dataset, "annotations": {}, "expressions": []}
+
+
+def _image_item(image: str, base: str, dataset: str, where: str) -> ImageItem:
+    """The item of a referenced image; flagged (and never read) when its path leaves the manifest's folder."""
+    try:
+        return _item(image, _resolve(image, base), dataset)
+    except ValueError as exc:
+        return flag(_item(image, None, dataset), ESCAPES_ROOT, f"{where}: {exc}")
+
+
 def load_items(records: list[dict[str, Any]], *, base: str, dataset: str,
                skips: SkipReport | None = None) -> list[ImageItem]:
-    """Manifest rows -> ImageItems (pure). `base` is the folder relative image paths are resolved in."""
+    """Manifest rows -> ImageItems (pure), one expression per row. `base` is the folder relative image paths
+    are resolved in. Bad rows are flagged, not dropped; only a repeated expression id is skipped."""
     skips = skips if skips is not None else SkipReport()
-    items: dict[str, ImageItem] = {}
+    items: dict[str | tuple[int], ImageItem] = {}
     seen: set[str] = set()
     for line, rec in enumerate(records):
         where = f"manifest row {line}"
         image, text, given = rec.get(IMAGE_COLUMN), rec.get(TEXT_COLUMN), rec.get(ID_COLUMN)
-        if not isinstance(image, str) or not image.strip():
-            skips.add("missing image reference", where, f"image is {image!r}", expressions=1)
-            continue
-        image = image.strip()
-        if not isinstance(text, str) or not text.strip():
-            skips.add("empty sentence", f"{where} (image {image})", expressions=1)
-            continue
-        text = text.strip()
-        expression_id = str(given) if given is not None else _expression_id(image, text)
+        image = image.strip() if isinstance(image, str) and image.strip() else None
+        clean = text.strip() if isinstance(text, str) and text.strip() else None
+        raw = None if text is None else str(text)
+        # A bad row's derived id includes its row number: two empty rows of one image stay two rows.
+        expression_id = str(given) if given is not None else \
+            _expression_id(image or "", clean if clean is not None and image else f"{raw}\n#row {line}")
         if expression_id in seen:
             skips.add("duplicate expression id", f"{where} (image {image})", f"id {expression_id}",
                       expressions=1)
             continue
-        if image not in items:
-            try:
-                uri = _resolve(image, base)
-            except ValueError as exc:
-                skips.add("image path escapes root", where, str(exc), expressions=1)
-                continue
-            items[image] = {"image_id": image, "image_uri": uri, "width": None, "height": None,
-                            "split": SPLIT, "dataset": dataset, "annotations": {}, "expressions": []}
         seen.add(expression_id)
-        items[image]["expressions"].append({"expression_id": expression_id, "text": text,
-                                            "no_target": None, "ann_ids": None})
+        expression = {"expression_id": expression_id, "text": clean if clean is not None else raw,
+                      "no_target": None, "ann_ids": None}
+        if image is None:  # nothing to group by: a task row of its own
+            item = items[(line,)] = flag(_item(None, None, dataset), "missing image reference",
+                                         f"{where}: no image reference (image is {rec.get(IMAGE_COLUMN)!r})")
+        else:
+            item = items.get(image) or items.setdefault(image, _image_item(image, base, dataset, where))
+            if clean is None:
+                flag(expression, "empty sentence", f"{where}: the expression is empty (text {raw!r})")
+        item["expressions"].append(expression)
     return list(items.values())
 
 

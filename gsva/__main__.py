@@ -130,9 +130,9 @@ def parse_no_target(text: str, count: int) -> list[bool]:
 def predict(args, storage) -> int:
     """Run `python -m gsva predict`; every failure is one line on stderr (exit 2)."""
     from gsva.config import TEACHER_FORCED
+    from gsva.images import ImageError
     from gsva.predict import predict_image, read_image, write_outputs
     from gsva.predictor import GSVAPredictor
-    from gsva.transforms import ImageError
 
     try:
         no_target = parse_no_target(args.no_target, len(args.expressions))

@@ -18,9 +18,6 @@ SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 # OpenAI CLIP statistics on the 0..1 scale (CLIPImageProcessor defaults).
 CLIP_PIXEL_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_PIXEL_STD = (0.26862954, 0.26130258, 0.27577711)
-# The largest image accepted at the predictor boundary: PIL's decompression-bomb limit, so that a
-# hostile or corrupt array cannot make the mask post-processing allocate gigabytes per expression.
-MAX_IMAGE_PIXELS = 89_478_485
 # Prediction modes: "generate" (annotation: the model writes its answer) and "teacher-forced" (the official
 # GRES evaluation: one forward over the ground-truth answer).
 GENERATE, TEACHER_FORCED = "generate", "teacher-forced"

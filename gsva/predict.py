@@ -16,14 +16,12 @@ from typing import Any
 import numpy as np
 
 from gsva.config import GENERATE
+from gsva.images import decode_image, read_image_bytes
 from gsva.inputs import EXPRESSIONS_PER_PROMPT, MAX_EXPRESSION_CHARS, clean_expression, reserved_tokens
 from gsva.overlay import Shown, overlay_png
-from gsva.transforms import to_rgb_uint8
 
 OVERLAY_FILE = "overlay.png"
 PREDICTIONS_FILE = "predictions.json"
-#: Pillow modes whose arrays gsva.transforms.to_rgb_uint8 maps to RGB itself; others are converted by Pillow.
-_ARRAY_MODES = ("RGB", "RGBA", "L", "LA", "I;16")
 
 
 @dataclass
@@ -50,20 +48,8 @@ class Answer:
 
 
 def read_image(path: str) -> np.ndarray:
-    """RGB uint8 (H, W, 3) from an image file, EXIF orientation applied (ImageError names a bad file)."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    from gsva.transforms import ImageError
-
-    try:
-        with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img)
-            array = np.asarray(img if img.mode in _ARRAY_MODES else img.convert("RGB"))
-    except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise ImageError(f"{path}: cannot read the image: {exc}") from exc
-    return to_rgb_uint8(array, name=path)
+    """RGB uint8 (H, W, 3) from an image file, read and decoded as the jobs do (ImageError names a bad file)."""
+    return decode_image(read_image_bytes(path), name=path)
 
 
 def predict_image(predictor, image: np.ndarray, expressions: list[str], mode: str = GENERATE,

@@ -17,41 +17,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from gsva.config import MAX_IMAGE_PIXELS, GSVAConfig, SAMConfig, VisionConfig
+from gsva.config import GSVAConfig, SAMConfig, VisionConfig
+from gsva.images import ImageError, to_rgb_uint8  # noqa: F401 - ImageError is what prepare_images raises
 
 UINT8_MAX = 255
-UINT16_TO_UINT8 = 257  # 65535 / 255: maps 16-bit full scale exactly onto 8-bit full scale
-
-
-class ImageError(ValueError):
-    """An input image that cannot be used, with the reason (and the item, when known)."""
-
-
-def to_rgb_uint8(image: np.ndarray, name: str = "image") -> np.ndarray:
-    """Normalise an input array to RGB uint8 (H, W, 3), or raise ImageError naming ``name``.
-
-    Accepted: uint8 or uint16 (scaled to 8 bit) arrays shaped (H, W) grey, (H, W, 1) grey, (H, W, 2)
-    grey+alpha, (H, W, 3) RGB, (H, W, 4) RGBA (alpha dropped). Rejected: other dtypes (floats are
-    ambiguous in range), empty or oversized images (> MAX_IMAGE_PIXELS), other shapes.
-    """
-    if not isinstance(image, np.ndarray):
-        raise ImageError(f"{name}: expected a numpy array, got {type(image).__name__}")
-    if image.dtype == np.uint16:
-        image = ((image.astype(np.uint32) + UINT16_TO_UINT8 // 2) // UINT16_TO_UINT8).astype(np.uint8)
-    elif image.dtype != np.uint8:
-        raise ImageError(f"{name}: expected uint8 (or uint16) pixels, got dtype {image.dtype}")
-    if image.ndim == 3 and image.shape[2] in (1, 2):
-        image = image[:, :, 0]
-    if image.ndim == 2:
-        image = np.repeat(image[:, :, None], 3, axis=2)
-    if image.ndim != 3 or image.shape[2] not in (3, 4):
-        raise ImageError(f"{name}: expected (H, W), (H, W, 1|2|3|4) pixels, got shape {image.shape}")
-    h, w = image.shape[:2]
-    if h < 1 or w < 1:
-        raise ImageError(f"{name}: empty image of shape {image.shape}")
-    if h * w > MAX_IMAGE_PIXELS:
-        raise ImageError(f"{name}: {w}x{h} = {h * w} pixels exceeds the limit of {MAX_IMAGE_PIXELS}")
-    return np.ascontiguousarray(image[:, :, :3])
 
 
 def resized_shape(height: int, width: int, long_side: int) -> tuple[int, int]:

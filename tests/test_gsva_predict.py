@@ -81,7 +81,7 @@ def test_predict_teacher_forced_and_refusals(shapes_raw, tmp_path, capsys):
         assert code == 2 and err.strip().startswith("predict:") and message in err and "Traceback" not in err
     (tmp_path / "junk.png").write_bytes(b"not an image")
     code, _, err = run_predict(capsys, "--checkpoint", "tiny", str(tmp_path / "junk.png"), "a")
-    assert code == 2 and "cannot read the image" in err
+    assert code == 2 and "not an image" in err
     code, _, err = run_predict(capsys, "--checkpoint", str(tmp_path / "nowhere"), image, "a")
     assert code == 2 and "cannot load the model" in err
 

@@ -164,7 +164,7 @@ def test_byte_cap_before_reading_and_on_embedded_bytes(tmp_path):
 
 def test_a_fifo_swapped_in_after_the_check_cannot_block(tmp_path, monkeypatch):
     """The open is non-blocking and the descriptor is checked again: the stat/open race cannot hang a worker."""
-    import pipeline.images as images
+    import gsva.images as images
 
     fifo = tmp_path / "swapped.png"
     os.mkfifo(fifo)

@@ -6,8 +6,10 @@ here with the checks only a job needs (absolute paths for Ray workers, an early 
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
+from typing import Any
 
 from gsva.storage import (  # noqa: F401 - the jobs' storage API, one implementation
     StorageError,
@@ -40,3 +42,13 @@ def check_access(uri: str, options: StorageOptions | None = None, write: bool = 
             raise FileNotFoundError(path)
     except Exception as exc:  # noqa: BLE001 - re-raised with a clear message
         raise StorageError(describe_error(uri, exc)) from exc
+
+
+def read_json(uri: str, options: StorageOptions | None = None) -> Any:
+    """The parsed JSON file at `uri` (local, file:// or s3://); ValueError naming it when it is not JSON."""
+    fs, path = filesystem(uri, options)
+    with fs.open(path, "rb") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{uri} is not valid JSON: {exc}") from exc

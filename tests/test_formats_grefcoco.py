@@ -95,7 +95,7 @@ def test_mixed_no_target_and_corrupt_files_are_refused(tmp_path):
         grefcoco.load_items({"refs": []}, cs.instances(), images_root=str(tmp_path))
     (tmp_path / "grefs(unc).json").write_text("{not json")
     (tmp_path / "instances.json").write_text(json.dumps(cs.instances()))
-    with pytest.raises(SourceError, match="not valid JSON"):
+    with pytest.raises(ValueError, match="not valid JSON"):
         grefcoco.read_items(str(tmp_path))
 
 

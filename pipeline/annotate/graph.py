@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     import ray.data
 
 
-def read_tasks(uris: list[str], storage: StorageOptions) -> ray.data.Dataset:
+def read_task_files(uris: list[str], storage: StorageOptions) -> ray.data.Dataset:
     """Task shards (one row per image) with a `path` column naming each row's shard (its path within its
     filesystem), cast to TASK_SCHEMA. Input shards and --retry-errors shards (in the output's store) may be on
     different stores: each file is opened through its own URI. The planner has already set aside shards of

@@ -17,7 +17,7 @@ from gsva.inputs import reserved_tokens
 from pipeline.annotate.config import AnnotateConfig
 from pipeline.annotate.decode import DecodeSpec
 from pipeline.annotate.fingerprint import check_or_record, checkpoint_identity, fingerprint
-from pipeline.annotate.graph import annotate, read_tasks, write_predictions
+from pipeline.annotate.graph import annotate, read_task_files, write_predictions
 from pipeline.annotate.layout import OutputLayout, completed, list_inputs
 from pipeline.annotate.model import ModelLoadError, ModelSpec, PredictStage
 from pipeline.annotate.plan import plan_run
@@ -103,7 +103,7 @@ def run(config: AnnotateConfig, predict_cls: type = PredictStage) -> RunSummary:
                           max_expressions_per_prompt=config.max_expressions_per_prompt, storage=config.storage,
                           use_gpu=sched.gpus_per_replica > 0, expected_model_id=identity)
         sink = PredictionSink(layout, plan.targets, run_id)
-        write_predictions(annotate(read_tasks(plan.read_uris, config.storage), decode, model, sched,
+        write_predictions(annotate(read_task_files(plan.read_uris, config.storage), decode, model, sched,
                                    predict_cls), sink)
         summary.rows, summary.errors = sink.summary.get("rows", 0), sink.summary.get("errors", 0)
 

@@ -90,7 +90,7 @@ class PredictionColumns:
         return pa.schema([PREDICTION_SCHEMA.field(c) for c in self.columns])
 
 
-def read_parquet(uri: str, storage: StorageOptions, columns: list[str] | None = None,
+def read_folder(uri: str, storage: StorageOptions, columns: list[str] | None = None,
                  include_paths: bool = False, schema: pa.Schema | None = None, optional: tuple[str, ...] = ()):
     """Lazy read of a Parquet file or folder (local or s3://), one task per file; `columns` alone are read,
     cast to `schema` (absent `optional` columns read as null)."""
@@ -150,10 +150,10 @@ def build(cfg: ScoreConfig, partitions: int, predictions: PredictionColumns):
 
     keying = {"partitions": partitions, "by_dataset": predictions.by_dataset}
     # Keying runs with the read's CPU share so Ray Data fuses it into the read task (no extra hop).
-    gt = read_parquet(cfg.ground_truth, cfg.storage, GT_COLUMNS, include_paths=True, schema=GT_SCHEMA,
+    gt = read_folder(cfg.ground_truth, cfg.storage, GT_COLUMNS, include_paths=True, schema=GT_SCHEMA,
                       optional=TASK_OPTIONAL).map_batches(
         explode_ground_truth, batch_format="pyarrow", num_cpus=READ_TASK_CPUS, fn_kwargs=keying)
-    preds = read_parquet(cfg.predictions, cfg.storage, list(predictions.columns), schema=predictions.schema,
+    preds = read_folder(cfg.predictions, cfg.storage, list(predictions.columns), schema=predictions.schema,
                          optional=tuple(PREDICTION_OPTIONAL)).map_batches(
         key_predictions, batch_format="pyarrow", num_cpus=READ_TASK_CPUS, fn_kwargs=keying)
     joined = gt.union(preds)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from pipeline.score import metrics
 from pipeline.score.graph import ScoreConfig, ScoreResult
-from pipeline.storage import StorageOptions, filesystem, is_local
+from pipeline.storage import StorageOptions, filesystem, is_local, read_json
 
 FRACTION_KEYS = tuple(k for k in metrics.METRIC_KEYS if k not in ("count", "errors"))
 PICTURES = {"splits": "splits.png", "iou_hist": "iou_hist.png", "confusion": "confusion.png",
@@ -107,12 +107,6 @@ class _Writer:
         with fs.open(target, "wb") as f:
             f.write(data)
         return target
-
-
-def read_json(uri: str, storage: StorageOptions) -> dict:
-    fs, path = filesystem(uri, storage)
-    with fs.open(path, "rb") as f:
-        return json.loads(f.read())
 
 
 def write_report(cfg: ScoreConfig, result: ScoreResult, out: str, baseline: str | None = None) -> dict:

@@ -9,14 +9,12 @@ skipped with the entry named.
 
 from __future__ import annotations
 
-import json
 import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from pipeline.prepare.formats.items import ESCAPES_ROOT, ImageItem, SkipReport, SourceError, flag, resolve_within
-from pipeline.storage import StorageOptions, filesystem
 
 
 @dataclass
@@ -27,15 +25,6 @@ class CocoIndex:
     anns: dict[int, dict[str, Any]]
     bad_images: dict[int, str]
     bad_anns: dict[int, str]
-
-
-def read_json(uri: str, storage: StorageOptions | None = None) -> Any:
-    fs, path = filesystem(uri, storage)
-    with fs.open(path, "rb") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as exc:
-            raise SourceError(f"{uri} is not valid JSON: {exc}") from exc
 
 
 def is_int(value: Any) -> bool:

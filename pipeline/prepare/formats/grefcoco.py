@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.prepare.formats.coco import index_instances, is_int, normalise_ref, read_json, refs_to_items
+from pipeline.prepare.formats.coco import index_instances, is_int, normalise_ref, refs_to_items
 from pipeline.prepare.formats.items import ImageItem, SkipReport, SourceError, read_task_rows_with
-from pipeline.storage import StorageOptions, join
+from pipeline.storage import StorageOptions, join, read_json
 
 DATASET = "grefcoco"
 SPLIT_BY = "unc"  # the only split gRefCOCO is released with

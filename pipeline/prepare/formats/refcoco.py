@@ -12,9 +12,9 @@ import io
 import pickle
 from typing import Any
 
-from pipeline.prepare.formats.coco import index_instances, is_int, normalise_ref, read_json, refs_to_items
+from pipeline.prepare.formats.coco import index_instances, is_int, normalise_ref, refs_to_items
 from pipeline.prepare.formats.items import ImageItem, SkipReport, SourceError, read_task_rows_with
-from pipeline.storage import StorageOptions, filesystem, join
+from pipeline.storage import StorageOptions, filesystem, join, read_json
 
 #: dataset name -> (default split-by, the split-bys the dataset is released with)
 SPLIT_BYS: dict[str, tuple[str, tuple[str, ...]]] = {

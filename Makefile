@@ -12,8 +12,9 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
+# Local Ray keeps token authentication on (the token is kept in ~/.ray/auth_token) and listens on 127.0.0.1.
 demo: $(STAMP)
-	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(VENV)/bin/python -m jobs.annotate
+	$(VENV)/bin/python -m jobs.annotate
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check gsva pipeline jobs tests bench

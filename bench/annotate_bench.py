@@ -9,7 +9,10 @@
 2. Generation cost vs teacher-forced cost (the floor) on the same inputs and batches.
 3. The whole Ray Data annotate job vs an in-process loop of the same predict calls on pre-loaded images,
    with the replica count and each replica's peak memory.
-Results: bench/results/annotate.json and bench/results/annotate.md.
+3b. The same with a SIMULATED accelerator (bench/annotate_simulated.py) at 1, 2 and 4 replicas: the
+   overhead of Ray, decode and write when the model runs off the CPU, and the host CPU time per image.
+   `--only-simulated` runs 3b alone.
+Results: bench/results/annotate.{json,md} and bench/results/annotate_simulated.{json,md}.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench import annotate_simulated  # noqa: E402
 from bench.annotate_naive import naive_generate  # noqa: E402
 from gsva.predictor import GSVAPredictor  # noqa: E402
 from pipeline.images import decode_image  # noqa: E402
@@ -145,8 +149,18 @@ def bench_teacher_forced(p: GSVAPredictor, images, exprs, no_target, batch: int,
             "generate_seg_decisions": seg, "expressions": sum(len(e) for e in exprs)}
 
 
-def measuring_stage(memory_dir: Path) -> type:
-    """PredictStage recording its replica's peak memory, threads and busy time (made here, pickled by value)."""
+def write_task_files(rows: list[dict], tasks: Path, files: int = 8) -> Path:
+    """The rows as `files` task shards (several files: the job pipelines and finalises per file)."""
+    tasks.mkdir()
+    per_file = max(1, len(rows) // files)
+    for i in range(0, len(rows), per_file):
+        pq.write_table(pa.Table.from_pylist(rows[i:i + per_file], schema=TASK_SCHEMA), tasks / f"b-{i:05d}.parquet")
+    return tasks
+
+
+def measuring_stage(memory_dir: Path, predictor_factory=None) -> type:
+    """PredictStage recording its replica's peak memory, threads and busy time (made here, pickled by value);
+    with `predictor_factory`, its replicas hold what that returns instead of the checkpoint's model."""
     from pipeline.annotate.model import PredictStage
 
     def init(self, spec):
@@ -175,8 +189,10 @@ def measuring_stage(memory_dir: Path) -> type:
         Path(memory_dir, f"{os.getpid()}.json").write_text(json.dumps(self.stats))
         return out
 
-    return type("MeasuredPredictStage", (PredictStage,), {"__init__": init, "__call__": call,
-                                                          "_call_model": call_model})
+    methods = {"__init__": init, "__call__": call, "_call_model": call_model}
+    if predictor_factory is not None:
+        methods["load"] = lambda self, spec: predictor_factory()
+    return type("MeasuredPredictStage", (PredictStage,), methods)
 
 
 def bench_job(checkpoint: str, rows: list[dict], batch: int, replicas: int, gpus: float, work: Path) -> dict:
@@ -193,11 +209,7 @@ def bench_job(checkpoint: str, rows: list[dict], batch: int, replicas: int, gpus
     t_loop = min(timed(run_batches, p, images, exprs, None, batch, mode="generate",
                        max_expressions_per_prompt=EXPRESSIONS_PER_IMAGE)[1] for _ in range(LOOP_REPEATS))
     del p
-    tasks = work / "tasks"
-    tasks.mkdir()
-    per_file = max(1, len(rows) // 8)
-    for i in range(0, len(rows), per_file):
-        pq.write_table(pa.Table.from_pylist(rows[i:i + per_file], schema=TASK_SCHEMA), tasks / f"b-{i:05d}.parquet")
+    tasks = write_task_files(rows, work / "tasks")
     memory_dir = work / "memory"
     memory_dir.mkdir()
     stage = measuring_stage(memory_dir)
@@ -285,11 +297,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--sim-images", type=int, default=1000, help="images for benchmark 3b")
+    ap.add_argument("--sim-replicas", default="1,2,4", help="replica counts for benchmark 3b")
+    ap.add_argument("--sim-batch-ms", type=float,
+                    help="3b's simulated per-batch latency (default: the sizing estimate, "
+                         f"{annotate_simulated.SIMULATED_PRESET} on one {annotate_simulated.SIMULATED_GPU})")
+    ap.add_argument("--only-simulated", action="store_true", help="run benchmark 3b only")
     args = ap.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     gpu = args.device == "cuda"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="annotate-bench-") as tmp:
         work = Path(tmp)
+        log("3b/3 Ray Data job vs in-process loop, simulated accelerator")
+        latency = args.sim_batch_ms / 1000 if args.sim_batch_ms else annotate_simulated.estimated_batch_latency_s(
+            args.batch)
+        annotate_simulated.stub_checkpoint(work / "checkpoint-stub")
+        sim = annotate_simulated.bench_simulated(
+            shapes_inputs(args.sim_images, 0, work / "sim-shapes"), args.batch,
+            [int(r) for r in args.sim_replicas.split(",")], latency, work, write_task_files, measuring_stage)
+        annotate_simulated.save(sim, out)
+        print(annotate_simulated.markdown(sim))
+        if args.only_simulated:
+            return 0
         from gsva.config import PRESETS
 
         checkpoint = bench_checkpoint(args.checkpoint, work / "checkpoint") if args.checkpoint in PRESETS \
@@ -316,8 +347,6 @@ def main(argv: list[str] | None = None) -> int:
     res["checkpoint"] = args.checkpoint + (" (random init, [SEG] output row = [REJ] row: see bench_checkpoint)"
                                            if args.checkpoint in PRESETS else "")
     res["targets"] = TARGETS
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "annotate.json").write_text(json.dumps(res, indent=2))
     (out / "annotate.md").write_text(markdown(res))
     print(markdown(res))

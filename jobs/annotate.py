@@ -26,11 +26,24 @@ FALLBACK_PRESET = "tiny"
 DEFAULT_IMAGES = 200
 DEFAULT_SEED = 0
 DEFAULT_ROWS_PER_FILE = 25  # several input files: resume and progress work per file
-EXIT_PROBLEMS, EXIT_REFUSED = 1, 2
+#: Exit statuses: 0 every input file complete; 1 finished with problems (unreadable inputs, incomplete files);
+#: 2 refused before starting (bad option, unreachable input, missing model, fingerprint mismatch, the output
+#: in use by another job); 3 storage failed during the run (unreachable, full, read-only): finished files are
+#: kept, re-run the same command once storage is back to resume.
+EXIT_PROBLEMS, EXIT_REFUSED, EXIT_STORAGE = 1, 2, 3
+
+
+EXIT_HELP = """exit status:
+  0  every input file is complete
+  1  finished with problems (unreadable input files, incomplete files): see the summary
+  2  refused before starting: a bad option, unreachable input, missing model, fingerprint mismatch, or the
+     output in use by another job (its lease; --force takes it over)
+  3  storage failed during the run (unreachable, full or read-only): finished files are kept; re-run the
+     same command when storage is back to resume"""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m jobs.annotate", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m jobs.annotate", description=__doc__, epilog=EXIT_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", help="task shards: a folder or .parquet file (local, file://, s3://); "
                                    f"default: Shapes-GRES generated into {DEFAULT_TASKS}")
@@ -43,6 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs per replica; 0 runs on CPU")
     p.add_argument("--cpus-per-replica", type=float, default=Scheduling.cpus_per_replica,
                    help="CPUs reserved per replica (default: %(default)s)")
+    p.add_argument("--replica-resources", help='custom Ray resources per replica, JSON, e.g. \'{"gpu_node": 1}\': '
+                                               "replicas run only on nodes that offer them")
     p.add_argument("--decode-tasks", type=int, help="most concurrent image-decoding tasks (default: as many as "
                                                      "free CPUs allow)")
     p.add_argument("--batch-size", type=int, default=Scheduling.batch_size,
@@ -58,11 +73,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (else AWS_ENDPOINT_URL / AWS default)")
     p.add_argument("--overwrite", action="store_true", help="discard the output's earlier predictions first")
     p.add_argument("--retry-errors", action="store_true", help="re-run only the rows that ended in error")
+    p.add_argument("--force", action="store_true",
+                   help="take over the output's lease from another job (only if that job is known to be gone)")
     return p.parse_args(argv)
 
 
 def build_config(args: argparse.Namespace) -> AnnotateConfig:
+    from pipeline.ray_runtime import parse_resources
+
     lo, hi = parse_replicas(args.replicas)
+    try:
+        resources = parse_resources(args.replica_resources, "--replica-resources")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     checkpoint = args.checkpoint or (str(DEFAULT_CHECKPOINT) if DEFAULT_CHECKPOINT.is_dir() else FALLBACK_PRESET)
     return AnnotateConfig(
         input=args.input or str(DEFAULT_TASKS), output=args.output, checkpoint=checkpoint,
@@ -71,9 +94,9 @@ def build_config(args: argparse.Namespace) -> AnnotateConfig:
                            image=ImageLimits(max_bytes=args.max_image_bytes)),
         scheduling=Scheduling(min_replicas=lo, max_replicas=hi, gpus_per_replica=args.gpus_per_replica,
                               cpus_per_replica=args.cpus_per_replica, decode_tasks=args.decode_tasks,
-                              batch_size=args.batch_size),
+                              batch_size=args.batch_size, replica_resources=resources),
         storage=StorageOptions(s3_endpoint=args.s3_endpoint),
-        overwrite=args.overwrite, retry_errors=args.retry_errors,
+        overwrite=args.overwrite, retry_errors=args.retry_errors, force=args.force,
     ).validate()
 
 
@@ -102,8 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.annotate.fingerprint import FingerprintMismatch
     from pipeline.annotate.model import ModelLoadError
     from pipeline.annotate.run import run
+    from pipeline.lease import LeaseHeld
     from pipeline.ray_runtime import ensure_ray
-    from pipeline.storage import StorageError
+    from pipeline.storage import StorageError, storage_failure
 
     args = parse_args(argv)
     try:
@@ -116,15 +140,20 @@ def main(argv: list[str] | None = None) -> int:
         ensure_default_data(DEFAULT_TASKS)
     try:
         summary = run(config)
-    except (ConfigError, FingerprintMismatch, StorageError, ModelLoadError, FileNotFoundError) as exc:
+    except (ConfigError, FingerprintMismatch, StorageError, ModelLoadError, FileNotFoundError, LeaseHeld) as exc:
         print(f"annotate: {exc}", file=sys.stderr)
         return EXIT_REFUSED
-    except Exception as exc:  # noqa: BLE001 - a replica that cannot load the model fails inside Ray
+    except Exception as exc:  # noqa: BLE001 - failures inside Ray: a replica's model load, storage
         message = model_load_message(exc)
-        if message is None:
+        if message is not None:
+            print(f"annotate: {message}", file=sys.stderr)
+            return EXIT_REFUSED
+        failure = storage_failure(exc)
+        if failure is None:
             raise
-        print(f"annotate: {message}", file=sys.stderr)
-        return EXIT_REFUSED
+        print(f"annotate: storage failed during the run: {failure}; files already finished are kept, re-run "
+              "the same command to resume once storage is back", file=sys.stderr)
+        return EXIT_STORAGE
     print(summary.render(), flush=True)
     if args.input is None:
         show_gallery(config)
@@ -145,17 +174,11 @@ def show_gallery(config: AnnotateConfig) -> None:
 def model_load_message(exc: BaseException) -> str | None:
     """The one ModelLoadError line inside whatever Ray wrapped it in, or None if it is something else."""
     from pipeline.annotate.model import ModelLoadError
+    from pipeline.errors import causes
 
-    seen: set[int] = set()
-    stack = [exc]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
+    for e in causes(exc):
         if isinstance(e, ModelLoadError):
             return str(e)
-        stack.extend([e.__cause__, e.__context__, getattr(e, "cause", None)])  # RayTaskError.cause
     # A replica that fails in __init__ reaches the driver as ActorDiedError, which keeps only the text of the
     # RayTaskError inside it (Ray 2.60 stores no cause object): the error's own line is read from that text.
     for line in str(exc).splitlines():

@@ -103,10 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="ddp: replicate the model; fsdp: shard it (7B full fine-tuning, 13B)")
     scale.add_argument("--max-failures", type=int, default=ScalingSpec.max_failures,
                        help="worker-group restarts from the latest checkpoint before the run fails")
+    scale.add_argument("--worker-resources", help='custom Ray resources per worker, JSON, e.g. \'{"gpu_node": 1}\': '
+                                                  "workers run only on nodes that offer them")
     return p
 
 
 def build_config(args: argparse.Namespace) -> TrainConfig:
+    from pipeline.ray_runtime import parse_resources
+
+    try:
+        resources = parse_resources(args.worker_resources, "--worker-resources")
+    except ValueError as exc:
+        raise TrainConfigError(str(exc)) from None
     return TrainConfig(
         data=args.data, output=args.output, max_steps=args.max_steps, batch_size=args.batch_size,
         init=InitSpec(preset=args.preset, checkpoint=args.init, llava=args.llava, clip=args.clip, sam=args.sam),
@@ -120,7 +128,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         shuffle_buffer=args.shuffle_buffer, seed=args.seed, resume=args.resume,
         scaling=ScalingSpec(workers=args.workers, gpus_per_worker=args.gpus_per_worker,
                             cpus_per_worker=args.cpus_per_worker, threads_per_worker=args.threads_per_worker,
-                            strategy=args.strategy, max_failures=args.max_failures),
+                            strategy=args.strategy, max_failures=args.max_failures, worker_resources=resources),
         export=args.export, export_dtype=args.export_dtype, storage=StorageOptions(s3_endpoint=args.s3_endpoint),
     ).validate()
 

@@ -27,11 +27,31 @@ def ray_local(request):
     if any("s3" in getattr(item, "fixturenames", ()) for item in request.session.items):
         request.getfixturevalue("s3")
 
+    from pipeline.ray_runtime import LOOPBACK, loopback_only
+
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
-                 runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
+        loopback_only()
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address=LOOPBACK,
+                 runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", **_hold_control(request).env()}})
     yield ray
     ray.shutdown()
+
+
+def _hold_control(request):
+    """The session's annotate hold folder (pipeline.annotate.hold): its path reaches every Ray worker."""
+    from pipeline.annotate.hold import HoldControl
+
+    return HoldControl(request.getfixturevalue("tmp_path_factory").getbasetemp() / "annotate-hold")
+
+
+@pytest.fixture
+def hold(request):
+    """Arm/wait/release the annotate writer's hold point; always released and disarmed after the test."""
+    control = _hold_control(request)
+    control.reset()
+    yield control
+    control.release()
+    control.reset()
 
 
 @pytest.fixture(scope="session")

@@ -149,3 +149,46 @@ class KillOncePredictStage(PredictStage):
 
 def kill_once_stage(marker: Path) -> type:
     return type("KillOnceAt", (KillOncePredictStage,), {"marker": str(marker)})
+
+
+# --------------------------------------------------------------------------------------------- fault tests
+class JobThread:
+    """`jobs.annotate.main(argv)` on a thread of the test process (its Ray cluster, its hold folder), so a
+    test can hold it at a known point, inject a fault, and read its exit status and output."""
+
+    def __init__(self, argv: list[str]):
+        import threading
+
+        self.argv = argv
+        self.code: int | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="annotate-job", daemon=True)
+
+    def _run(self) -> None:
+        from jobs.annotate import main
+
+        try:
+            self.code = main(self.argv)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by join() on the test's thread
+            self.error = exc
+
+    def start(self) -> JobThread:
+        self.thread.start()
+        return self
+
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def join(self, timeout_s: float) -> int:
+        self.thread.join(timeout_s)
+        assert not self.thread.is_alive(), f"the job did not end within {timeout_s:.0f} s"
+        if self.error is not None:
+            raise self.error
+        assert self.code is not None
+        return self.code
+
+
+def job_args(tasks: str, out: str, *extra: str) -> list[str]:
+    """The fault tests' annotate command line: tiny model, one small replica, one image per batch."""
+    return ["--input", tasks, "--output", out, "--checkpoint", "tiny", "--replicas", "1", "--batch-size", "1",
+            "--cpus-per-replica", "0.5", "--decode-tasks", "2", *extra]

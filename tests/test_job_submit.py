@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,9 @@ import time
 from pathlib import Path
 
 import pytest
+
+from pipeline.ray_runtime import LOOPBACK_ENV
+from tests.multinode_cluster import free_ports
 
 pytestmark = pytest.mark.slow
 
@@ -35,26 +37,12 @@ JOB_TIMEOUT_S = 600  # generous: a shared 2-core CI machine can be many times ov
 POLL_S = 1.0
 
 
-def free_ports(n: int) -> list[int]:
-    """n distinct free TCP ports on loopback (held open together so they differ)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 @pytest.fixture
 def ray_head(s3):
     """A Ray head on 127.0.0.1 with its own temp dir; yields the dashboard (job submission) address."""
     gcs, dashboard, client, agent = free_ports(4)
     temp_dir = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", LOOPBACK_ENV: "0",
            # The jobs' `python` is this virtualenv's, as the cluster image's python is on a real cluster.
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     address = f"http://127.0.0.1:{dashboard}"

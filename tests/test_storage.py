@@ -42,3 +42,25 @@ def test_rle_round_trip_and_iou():
     assert union.tolist() == [int((a | b).sum()), int(a.sum()), 0]
     assert masks.to_bbox(ra) == [2.0, 1.0, 4.0, 3.0]
     assert (masks.decode(masks.union([ra, rb], 7, 9)) == (a | b)).all()
+
+
+def test_output_listing_sees_what_other_processes_wrote(s3):
+    """The driver lists done/ before the run (plan) and after it (summary), while Ray workers write the
+    markers through their own filesystem objects: s3fs caches listings per instance, and fsspec shares the
+    instance within a process, so the second listing must not be the first one replayed."""
+    import json
+    import uuid
+
+    import s3fs
+
+    from pipeline.annotate.layout import OutputLayout, completed
+
+    layout = OutputLayout(f"s3://{s3.bucket}/listing-{uuid.uuid4().hex[:8]}", s3.options)
+    fs, root = layout.fs()
+    fs.pipe(f"{root}/done/a.json", json.dumps({"rows": 1}).encode())
+    fs.pipe(f"{root}/predictions/a.parquet", b"x")
+    assert set(completed(layout)) == {"a"}  # listed (and cached) once
+    worker = s3fs.S3FileSystem(endpoint_url=s3.endpoint, skip_instance_cache=True)  # another process's view
+    worker.pipe(f"{root}/predictions/b.parquet", b"x")
+    worker.pipe(f"{root}/done/b.json", json.dumps({"rows": 2}).encode())
+    assert set(completed(layout)) == {"a", "b"}

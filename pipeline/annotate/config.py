@@ -50,6 +50,7 @@ class Scheduling:
     decode_cpus: float = 0.25  # decoding a PNG/JPEG takes a fraction of a core, mostly waiting on storage
     decode_tasks: int | None = None  # most concurrent decode tasks (None: as many as CPUs allow)
     batch_size: int = 4  # images per model call (each image carries all of its expressions)
+    replica_resources: tuple[tuple[str, float], ...] = ()  # custom Ray resources per replica (node placement)
     decode_batch_size: int = 8  # image rows per decode task call
 
     def validate(self) -> None:
@@ -85,6 +86,7 @@ class AnnotateConfig:
     storage: StorageOptions = field(default_factory=StorageOptions)
     overwrite: bool = False
     retry_errors: bool = False
+    force: bool = False  # take over the output's lease from a job believed gone (pipeline.lease)
 
     def validate(self) -> AnnotateConfig:
         if not self.input:

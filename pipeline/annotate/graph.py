@@ -5,6 +5,9 @@ on the driver: rows stream from storage to storage.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from pipeline import parquet
@@ -46,10 +49,28 @@ def annotate(tasks: ray.data.Dataset, decode: DecodeSpec, model: ModelSpec, sche
     return decoded.map_batches(
         predict_cls, fn_constructor_args=(model,), compute=pool, batch_format="pyarrow",
         batch_size=scheduling.batch_size, num_cpus=scheduling.cpus_per_replica,
-        num_gpus=scheduling.gpus_per_replica or None,
+        num_gpus=scheduling.gpus_per_replica or None, resources=dict(scheduling.replica_resources) or None,
     )
 
 
 def write_predictions(predictions: ray.data.Dataset, sink: PredictionSink) -> None:
     """Run the graph: stream prediction batches into the sink (which finalises each input file)."""
-    predictions.write_datasink(sink)
+    with _errors_off_console():
+        predictions.write_datasink(sink)
+
+
+@contextmanager
+def _errors_off_console() -> Iterator[None]:
+    """Keep Ray Data's ERROR records (a failed task's several-hundred-line traceback, once per layer) off the
+    console while the graph runs: the failure reaches the caller as an exception, which the job reports in
+    one line (or re-raises). Ray Data's log file still gets every record."""
+    handlers = [h for h in logging.getLogger("ray.data").handlers if h.get_name() == "console"]
+    drop = logging.Filter()
+    drop.filter = lambda record: record.levelno < logging.ERROR  # type: ignore[method-assign]
+    for handler in handlers:
+        handler.addFilter(drop)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(drop)

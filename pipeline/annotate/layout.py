@@ -7,6 +7,8 @@ Output folder layout (any fsspec URI: local path, file://, s3://)::
     OUTPUT/done/KEY.json                 completion marker, written after its predictions file
     OUTPUT/_staging/parts/KEY/*.parquet  batches of an unfinished input file (content-keyed names)
     OUTPUT/_staging/retry/KEY.parquet    the task rows re-run by --retry-errors
+    OUTPUT/_staging/tmp/*                temporary names of atomic writes (only while a write is under way)
+    OUTPUT/_lease.json                   the running job's lease (pipeline.lease): one job per output
 
 KEY is the input file's path relative to the input root, without ".parquet", "/" -> "__": the same input
 always maps to the same names, so a re-run overwrites instead of adding a second copy.
@@ -24,6 +26,8 @@ import fsspec
 
 from pipeline.parquet import PARQUET_SUFFIX, list_parquet
 from pipeline.storage import StorageOptions, filesystem
+
+TMP_FOLDER = "tmp"
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,9 @@ class OutputLayout:
     def staging(self) -> str:
         return self._path("_staging")
 
+    def temporary(self) -> str:
+        return self._path("_staging", TMP_FOLDER)
+
     def owned_folders(self) -> list[str]:
         """What --overwrite deletes: only the job's own names, never other files a user keeps there."""
         return [self.predictions(), self.marker(), self.staging]
@@ -108,7 +115,7 @@ def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes, staging:
     A reader sees the old file, or the whole new one, never a prefix: a local rename is atomic, and an
     S3 object appears only when its upload completes (the move is a server-side copy).
     """
-    tmp = posixpath.join(staging, "tmp", f"{uuid.uuid4().hex}-{posixpath.basename(path)}")
+    tmp = posixpath.join(staging, TMP_FOLDER, f"{uuid.uuid4().hex}-{posixpath.basename(path)}")
     fs.makedirs(posixpath.dirname(tmp), exist_ok=True)
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     with fs.open(tmp, "wb") as f:
@@ -143,6 +150,9 @@ def completed(layout: OutputLayout) -> dict[str, dict[str, Any]]:
 
 
 def _ls(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    """A fresh listing: s3fs caches listings per filesystem instance (and fsspec shares instances in a
+    process), so without the invalidation a driver would not see the files its Ray workers wrote since."""
+    fs.invalidate_cache(path)
     try:
         return [p if isinstance(p, str) else p["name"] for p in fs.ls(path, detail=False)]
     except FileNotFoundError:

@@ -22,7 +22,8 @@ from pipeline.annotate.layout import OutputLayout, completed, list_inputs
 from pipeline.annotate.model import ModelLoadError, ModelSpec, PredictStage
 from pipeline.annotate.plan import plan_run
 from pipeline.annotate.sink import PredictionSink
-from pipeline.storage import absolute, check_access
+from pipeline.lease import Lease
+from pipeline.storage import absolute, check_access, files_under, remove_folder
 
 
 @dataclass
@@ -68,17 +69,27 @@ class RunSummary:
 
 
 def run(config: AnnotateConfig, predict_cls: type = PredictStage) -> RunSummary:
-    """Annotate every not-yet-complete input file of `config.input` into `config.output`."""
+    """Annotate every not-yet-complete input file of `config.input` into `config.output`.
+
+    The output's lease is held from before anything is deleted or written until the summary is known, so a
+    second job into the same output is refused (pipeline.lease.LeaseHeld) instead of redoing the work."""
     start = time.perf_counter()
-    run_id = uuid.uuid4().hex
     config = with_absolute_paths(config.validate())
-    layout = OutputLayout(config.output, config.storage)
     check_access(config.input, config.storage)
     check_access(config.output, config.storage, write=True)
     try:
         identity = checkpoint_identity(config.checkpoint, config.storage)
     except Exception as exc:  # noqa: BLE001 - the same single message a failing replica would give
         raise ModelLoadError(f"cannot load the model from {config.checkpoint!r}: {exc}") from exc
+    with Lease(config.output, config.storage, job="annotate", force=config.force):
+        summary = _run_leased(config, identity, predict_cls)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _run_leased(config: AnnotateConfig, identity: str, predict_cls: type) -> RunSummary:
+    run_id = uuid.uuid4().hex
+    layout = OutputLayout(config.output, config.storage)
     if config.overwrite:
         fs, _ = layout.fs()
         for folder in layout.owned_folders() + [layout.fingerprint]:
@@ -114,7 +125,6 @@ def run(config: AnnotateConfig, predict_cls: type = PredictStage) -> RunSummary:
     summary.incomplete = sorted(set(plan.targets) - finished)
     summary.total_rows = sum(m.get("rows", 0) for m in done.values())
     summary.total_errors = sum(m.get("errors", 0) for m in done.values())
-    summary.seconds = time.perf_counter() - start
     return summary
 
 
@@ -128,7 +138,9 @@ def with_absolute_paths(config: AnnotateConfig) -> AnnotateConfig:
 
 
 def _clean_staging(layout: OutputLayout, done: dict) -> None:
-    """Remove leftovers of finished files (a retried write task may re-create a part after the merge)."""
+    """Remove leftovers of finished files (a retried write task may re-create a part after the merge), the
+    temporary names of atomic writes (left by a write that failed before its move), and staging folders
+    left empty: no writer is active any more, and the lease keeps other jobs out."""
     fs, _ = layout.fs()
     retry_folder = posixpath.dirname(layout.retry_input("x"))
     for folder in (layout.parts(), retry_folder):
@@ -140,3 +152,8 @@ def _clean_staging(layout: OutputLayout, done: dict) -> None:
             key = name.removesuffix(".parquet").removesuffix(".base")
             if key in done:
                 fs.rm(path, recursive=True)
+    for folder in (layout.temporary(), layout.staging):
+        fs.invalidate_cache(folder)
+        if folder == layout.temporary() or not files_under(fs, folder):
+            remove_folder(fs, folder)
+

@@ -24,7 +24,8 @@ import pyarrow.parquet as pq
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource.datasink import Datasink, WriteResult
 
-from pipeline.annotate.layout import OutputLayout, atomic_write, write_json
+from pipeline.annotate.hold import maybe_hold
+from pipeline.annotate.layout import OutputLayout, atomic_write, completed, write_json
 from pipeline.annotate.rows import PART_SCHEMA, POS, SOURCE, UNIT, final_table
 from pipeline.schemas import STATUS_ERROR
 
@@ -63,6 +64,7 @@ class PredictionSink(Datasink[dict]):
             return stats
         table = pa.concat_tables(tables)
         fs, _ = self.layout.fs()
+        maybe_hold(self._completed_files)
         for key in pc.unique(table[SOURCE]).to_pylist():
             part = table.filter(pc.equal(table[SOURCE], key))
             real = part.filter(pc.greater_equal(part[POS], 0))
@@ -75,7 +77,11 @@ class PredictionSink(Datasink[dict]):
                 pq.write_table(part, f)
             if self._complete(fs, key) and self._finalize(fs, key):
                 stats["finalized"].append(key)
+                maybe_hold(self._completed_files)
         return stats
+
+    def _completed_files(self) -> int:
+        return len(completed(self.layout))
 
     def on_write_complete(self, write_result: WriteResult[dict]) -> None:
         returns = [r for r in write_result.write_returns if r]

@@ -63,6 +63,7 @@ class ScalingSpec:
     threads_per_worker: int | None = None
     strategy: str = "ddp"
     max_failures: int = 3
+    worker_resources: tuple[tuple[str, float], ...] = ()  # custom Ray resources per worker (node placement)
 
     @property
     def use_gpu(self) -> bool:

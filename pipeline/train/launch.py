@@ -120,7 +120,8 @@ def build_trainer(cfg: TrainConfig, num_workers: int | None = None):
     from pipeline.train.recipe import train_loop_per_worker
 
     spec = cfg.scaling
-    resources = {"CPU": spec.cpus_per_worker, **({"GPU": spec.gpus_per_worker} if spec.use_gpu else {})}
+    resources = {"CPU": spec.cpus_per_worker, **({"GPU": spec.gpus_per_worker} if spec.use_gpu else {}),
+                 **dict(spec.worker_resources)}
     storage_path, name, storage_fs = run_location(cfg.output, cfg.storage)
     return TorchTrainer(
         train_loop_per_worker,

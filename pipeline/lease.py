@@ -2,7 +2,8 @@
 
 Why: two jobs writing one output folder would both redo every file, and their staging areas would mix.
 The first job creates FOLDER/_lease.json (owner token, host, pid, start and heartbeat times) and
-refreshes the heartbeat every HEARTBEAT_S; a second job finds it and is refused with who holds it.
+refreshes the heartbeat every HEARTBEAT_S (on S3 a conditional rewrite, on local disk the file's mtime);
+a second job finds it and is refused with who holds it.
 The lease is released (deleted) when the job ends, however it ends short of a kill.
 
 A lease is stale, and is taken over without asking, when its heartbeat is older than STALE_AFTER_S, or when
@@ -33,6 +34,7 @@ from pipeline.storage import StorageOptions, filesystem, is_local
 LEASE_FILE = "_lease.json"
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 120.0
+TAKEOVER_ATTEMPTS = 5
 #: Tokens of the leases this process holds now: a lease left by an earlier, ended run of this same process
 #: (its release failed because storage was down) is stale, one held by a running job here is not.
 _HELD_HERE: set[str] = set()
@@ -79,7 +81,7 @@ class Lease:
         self.job, self.force = job, force
         self.heartbeat_s, self.stale_after_s = heartbeat_s, stale_after_s
         self.holder: Holder | None = None
-        self.lost: Holder | None = None  # set when another job took the lease over while we held it
+        self.lost = False  # set when another job took the lease over (or removed it) while we held it
         self._etag: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -88,17 +90,24 @@ class Lease:
     def acquire(self) -> None:
         now = time.time()
         mine = Holder(uuid.uuid4().hex, socket.gethostname(), os.getpid(), self.job, now, now)
-        if not self._create(mine):
+        judged: str | None = None  # the token of the holder we decided to take over
+        for _ in range(TAKEOVER_ATTEMPTS):
+            if self._create(mine):
+                break
             current, etag = self._read()
-            if current is not None:
-                if not (self.force or current.stale(time.time(), self.stale_after_s)):
-                    raise LeaseHeld(f"{self.uri} is in use by {current.describe(time.time())}; wait for it to "
-                                    f"finish, or pass --force if that job is gone (a lease is stale after "
-                                    f"{self.stale_after_s:.0f} s without a heartbeat)")
-                if not self._replace(mine, etag):
-                    raise LeaseHeld(f"{self.uri}: another job took the lease at the same moment; try again")
-            elif not self._create(mine):  # the holder released it between our two looks
+            if current is None:
+                continue  # released between our two looks
+            if judged not in (None, current.token):
                 raise LeaseHeld(f"{self.uri}: another job took the lease at the same moment; try again")
+            if not (self.force or current.stale(time.time(), self.stale_after_s)):
+                raise LeaseHeld(f"{self.uri} is in use by {current.describe(time.time())}; wait for it to "
+                                f"finish, or pass --force if that job is gone (a lease is stale after "
+                                f"{self.stale_after_s:.0f} s without a heartbeat)")
+            judged = current.token
+            if self._replace(mine, etag):  # fails if the holder's heartbeat rewrote it meanwhile: look again
+                break
+        else:
+            raise LeaseHeld(f"{self.uri}: the lease kept changing while we took it over; try again")
         self.holder = mine
         _HELD_HERE.add(mine.token)
         self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
@@ -134,10 +143,13 @@ class Lease:
             try:
                 current, etag = self._read()
                 if current is None or current.token != self.holder.token:
-                    self.lost = current
+                    self.lost = True
                     return
+                if self.local:  # the file's mtime is the heartbeat: touching a successor's file is harmless
+                    os.utime(self.path)
+                    continue
                 fresh = Holder(**{**asdict(self.holder), "heartbeat_at": time.time()})
-                if self._replace(fresh, etag):
+                if self._put(fresh, json.dumps(asdict(fresh)).encode("utf-8"), IfMatch=etag):
                     self.holder = fresh
             except Exception:  # noqa: BLE001 - a storage hiccup: the next beat tries again
                 continue
@@ -150,6 +162,7 @@ class Lease:
             if self.local:
                 with open(self.path, "rb") as f:
                     data = f.read()
+                    beat = os.fstat(f.fileno()).st_mtime
                 etag = None
             else:
                 bucket, key, _ = self.fs.split_path(self.path)
@@ -159,7 +172,10 @@ class Lease:
         except FileNotFoundError:
             return None, None
         try:
-            return Holder(**json.loads(data.decode("utf-8"))), etag
+            holder = Holder(**json.loads(data.decode("utf-8")))
+            if self.local:
+                holder = Holder(**{**asdict(holder), "heartbeat_at": max(holder.heartbeat_at, beat)})
+            return holder, etag
         except (ValueError, TypeError):  # a torn or foreign file: treat as stale so it can be replaced
             return Holder("?", "?", -1, "an unreadable lease", 0.0, 0.0), etag
 

@@ -10,10 +10,10 @@ referring expressions. Two kinds of sample, one conversation each (question, ans
   ``the {color} {shape}`` (exactly one such object, or none), ``all {color} shapes``, ``all {shape}s``,
   ``the leftmost {shape}`` / ``the rightmost {shape}`` (two or more of that shape, unique extreme),
   about half of them naming something absent, in "Where are p1, p2, p3 in this image?" ->
-  "Sure, p1: top left, p2: none, p3: middle right and bottom left." (positions of ALL the phrase's
-  objects, left to right, joined by " and "; "none" when it names nothing). The answer's
-  ``{phrase}:`` is where GSVA later reads a ``[SEG]`` prompt, so the hidden state there is trained to
-  know where the phrase's objects are.
+  "Sure, p1: a red circle at top left, p2: none, p3: a blue square at middle right and a blue circle at
+  bottom left." (ALL the objects the phrase names, left to right, each as in the caption, joined by
+  " and "; "none" when it names nothing). The answer's ``{phrase}:`` is where GSVA later reads a
+  ``[SEG]`` prompt, so the hidden state there is trained to know what and where the phrase's objects are.
 
 Positions are a 5 x 5 grid of the image by box centre: rows ``ROWS`` (top .. bottom), columns
 ``COLUMNS`` (far left .. far right), written "{row} {column}".
@@ -62,8 +62,13 @@ def left_to_right(objects: list[DescribedObject]) -> list[DescribedObject]:
     return sorted(objects, key=lambda o: (o.cx, o.cy))
 
 
+def described(obj: DescribedObject, width: int, height: int) -> str:
+    """"a {color} {shape} at {position}"."""
+    return f"a {obj.color} {obj.shape} at {position(obj, width, height)}"
+
+
 def caption(objects: list[DescribedObject], width: int, height: int) -> tuple[str, str]:
-    parts = [f"a {o.color} {o.shape} at {position(o, width, height)}" for o in left_to_right(objects)]
+    parts = [described(o, width, height) for o in left_to_right(objects)]
     count = NUMBERS[len(objects)] if len(objects) < len(NUMBERS) else str(len(objects))
     noun = "shape" if len(objects) == 1 else "shapes"
     return CAPTION_QUESTION, f"There {'is' if len(objects) == 1 else 'are'} {count} {noun}: {', '.join(parts)}."
@@ -105,7 +110,7 @@ def where_question(objects: list[DescribedObject], width: int, height: int, k: i
     parts = []
     for p in chosen:
         named = left_to_right(options[p])
-        where = " and ".join(position(o, width, height) for o in named) if named else ABSENT
+        where = " and ".join(described(o, width, height) for o in named) if named else ABSENT
         parts.append(f"{p}: {where}")
     return WHERE_QUESTION.format(phrases=", ".join(chosen)), f"Sure, {', '.join(parts)}."
 

@@ -37,7 +37,7 @@ def render(history: list[dict[str, Any]], title: str) -> bytes:
     steps = [r["step"] for r in history if "loss" in r]
     for key, label in LOSS_KEYS:
         values = [r[key] for r in history if "loss" in r]
-        if values:
+        if any(values):  # a stage without that part (SAM: no CE, LLaVA: no masks) draws no flat zero line
             ax_loss.plot(steps, values, alpha=0.25, linewidth=0.8)
             ax_loss.plot(steps, _smooth(values, SMOOTH_WINDOW), label=label, color=ax_loss.lines[-1].get_color())
     ax_loss.set_yscale("log")

@@ -2,6 +2,8 @@
 
     python bench/shapes_probe.py diagnose --checkpoint checkpoints/shapes-gres --data data/shapes4k/tasks
     python bench/shapes_probe.py oracle --data data/shapes4k/tasks --steps 600
+    python bench/shapes_probe.py templates --predictions outputs/eval/generate/predictions \
+        --data data/shapes4k/tasks --split test
 
 ``diagnose``: teacher-forced masks of a checkpoint on the val split, IoU per Shapes-GRES template, and how
 alike the masks of DIFFERENT expressions of one image are (mean pairwise IoU) next to the same figure for
@@ -15,6 +17,10 @@ prompt that names its template but not its colour or shape cannot pick one objec
 ``scales`` compares magnitudes the two towers meet at: projected image tokens vs the LLM's token
 embeddings, and the mask prompts vs SAM's own prompt/output tokens (``--checkpoint shapes`` measures a
 fresh random init).
+
+``templates``: the annotate job's predictions (any mode) against the task shards' ground truth, per
+Shapes-GRES template: mean IoU over the target expressions (a rejected target scores 0) and, for the
+no-target ones, the share correctly rejected (``N-acc`` per template).
 
 ``oracle``: the preset's SAM (image encoder, prompt encoder, mask decoder: built as in training) trained
 alone, its sparse prompt a bag-of-words embedding of the expression instead of the LLM's ``[SEG]`` hidden
@@ -175,6 +181,32 @@ def diagnose(args) -> dict:
             **prompt_knowledge(p, rows)}
 
 
+def templates(args) -> dict:
+    from pipeline import masks as rle
+
+    predicted = {}
+    for path in sorted(Path(args.predictions).rglob("*.parquet")):
+        for r in pq.read_table(path, columns=["expression_id", "rejected", "mask", "status"]).to_pylist():
+            predicted[r["expression_id"]] = r
+    by_template: dict[str, list[float]] = {}
+    rejected_right: dict[str, list[float]] = {}
+    for row in load_split(args.data, args.split):
+        for e in labelled(row["expressions"]):
+            p = predicted.get(e["expression_id"])
+            if p is None:
+                raise SystemExit(f"no prediction for expression {e['expression_id']}")
+            ok = p["status"] == "ok"
+            if e["no_target"]:
+                rejected_right.setdefault(template_of(e["text"]), []).append(float(ok and p["rejected"]))
+                continue
+            pred = rle.decode(p["mask"]).astype(bool) if ok and not p["rejected"] else None
+            gt = rle.decode(e["gt_mask"]).astype(bool)
+            by_template.setdefault(template_of(e["text"]), []).append(iou(pred, gt) if pred is not None else 0.0)
+    return {"predictions": args.predictions, "split": args.split, "iou_by_template": per_template(by_template),
+            "no_target_rejected_by_template": {k: {"n": len(v), "accuracy": round(float(np.mean(v)), 3)}
+                                               for k, v in sorted(rejected_right.items())}}
+
+
 class BagOfWords(nn.Module):
     """Expression -> one prompt vector: sum of word + position embeddings, then an MLP (the oracle prompt)."""
 
@@ -275,15 +307,18 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--steps", type=int, default=600)
     o.add_argument("--lr", type=float, default=3e-4)
     o.add_argument("--batch-size", type=int, default=8)
-    for p in (d, o):
+    t = sub.add_parser("templates")
+    t.add_argument("--predictions", required=True, help="the annotate job's predictions folder")
+    t.add_argument("--split", default="test")
+    for p in (d, o, t):
         p.add_argument("--data", required=True, help="Shapes-GRES task shards (jobs.prepare --format shapes)")
         p.add_argument("--images", type=int, default=150, help="val images scored")
         p.add_argument("--threads", type=int, default=2)
         p.add_argument("--out", help="JSON file for the result")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    result = diagnose(args) if args.probe == "diagnose" else oracle(args)
-    shown = ("pairwise_iou_between_expressions", "prompt_content", "scales")
+    result = {"diagnose": diagnose, "oracle": oracle, "templates": templates}[args.probe](args)
+    shown = ("pairwise_iou_between_expressions", "prompt_content", "scales", "no_target_rejected_by_template")
     print(json.dumps(result["iou_by_template"] | {k: v for k, v in result.items() if k in shown}, indent=1))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

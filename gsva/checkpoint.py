@@ -186,3 +186,27 @@ def load_model(uri_or_preset: str, storage: StorageOptions | None = None, device
         model = build_model(cfg).to(device=device, dtype=dtype or torch.float32).eval()
         return model, build_builtin_tokenizer(cfg), preset_identity(cfg)
     return load_checkpoint(uri_or_preset, storage, device, dtype)
+
+
+#: Which base provides which weights when a GSVA model is assembled from pretrained parts (as real GSVA
+#: starts from SAM's release and LLaVA's): SAM's three modules from the SAM base, the MLLM (CLIP,
+#: projector, LLM) from the LLaVA base; ``text_hidden_fcs`` (GSVA's own) starts at the LLaVA base's.
+SAM_BASE_PREFIX = "sam."
+
+
+def combine_bases(sam_uri: str, llava_uri: str, storage=None, device: str = "cpu"):
+    """-> (model, tokenizer, report): the LLaVA base with every ``sam.*`` weight replaced by the SAM base's.
+    Both must be checkpoints of the same architecture (the config compared without its name); the tokenizer
+    is the LLaVA base's (the one its LLM was trained with)."""
+    model, tokenizer, llava_id = load_checkpoint(llava_uri, storage, device)
+    sam_model, _, sam_id = load_checkpoint(sam_uri, storage, device)
+    mine, theirs = model.cfg.to_dict(), sam_model.cfg.to_dict()
+    if {k: v for k, v in mine.items() if k != "name"} != {k: v for k, v in theirs.items() if k != "name"}:
+        differ = sorted(k for k in mine if k != "name" and mine[k] != theirs.get(k))
+        raise ValueError(f"the SAM base {sam_uri} and the LLaVA base {llava_uri} are different architectures "
+                         f"(config parts {differ} differ)")
+    sam_state = {k: v for k, v in sam_model.state_dict().items() if k.startswith(SAM_BASE_PREFIX)}
+    result = model.load_state_dict(sam_state, strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"SAM base keys the model lacks: {result.unexpected_keys[:5]}")
+    return model, tokenizer, {"sam": sam_id, "llava": llava_id, "sam_tensors": len(sam_state)}

@@ -6,6 +6,11 @@ Policies:
   projector and SAM's image/prompt encoders stay frozen.
 - ``"llm"``: as official ``lora_r < 0``: the whole LLM instead of LoRA, same other parts.
 - ``"all"``: every parameter (training a preset from scratch, e.g. Shapes-GRES ``--full``).
+
+Pretraining policies (the bases GSVA starts from, see pipeline.train.stages):
+- ``"sam"``: SAM's image encoder, prompt encoder and mask decoder (SAM's own promptable segmentation).
+- ``"vision"``: CLIP and the projector (LLaVA stage 1, with CLIP too because a preset's CLIP is random).
+- ``"mllm"``: CLIP, the projector and the whole LLM with ``embed_tokens`` and ``lm_head`` (LLaVA stage 2).
 """
 
 from __future__ import annotations
@@ -24,18 +29,29 @@ def freeze(model: nn.Module, policy: str, lora: LoRAConfig | None = None) -> dic
         apply_lora(model, lora or model.cfg.lora)
     for p in model.parameters():
         p.requires_grad_(policy == "all")
-    if policy != "all":
-        parts: list[nn.Module] = [model.mllm.lm_head, model.language_model.embed_tokens,
-                                  model.sam.mask_decoder, model.text_hidden_fcs]
-        if policy == "llm":
-            parts.append(model.language_model)
-        for part in parts:
-            for p in part.parameters():
-                p.requires_grad_(True)
+    for part in trained_parts(model, policy):
+        for p in part.parameters():
+            p.requires_grad_(True)
+    if policy in ("lora", "llm"):
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.requires_grad_(True)
     return count(model)
+
+
+def trained_parts(model: nn.Module, policy: str) -> list[nn.Module]:
+    """The modules a policy trains whole (``"all"``: none listed, every parameter trains)."""
+    mllm = model.mllm.model
+    if policy == "sam":
+        return [model.sam.image_encoder, model.sam.prompt_encoder, model.sam.mask_decoder]
+    if policy == "vision":
+        return [mllm.vision_tower, mllm.multi_modal_projector]
+    if policy == "mllm":
+        return [model.mllm]
+    if policy in ("lora", "llm"):
+        parts = [model.mllm.lm_head, model.language_model.embed_tokens, model.sam.mask_decoder, model.text_hidden_fcs]
+        return [*parts, model.language_model] if policy == "llm" else parts
+    return []
 
 
 def count(model: nn.Module) -> dict[str, int]:

@@ -86,15 +86,20 @@ class GSVA(nn.Module):
     def encode_images(self, clip_pixels: torch.Tensor, sam_pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, 3, C, C), (N, 3, S, S) -> projected CLIP tokens (N, P, H), SAM embeddings (N, D, g, g).
         Frozen encoders run without autograd."""
-        dtype = self.dtype
+        return self.encode_clip(clip_pixels), self.encode_sam(sam_pixels)
+
+    def encode_clip(self, clip_pixels: torch.Tensor) -> torch.Tensor:
+        """(N, 3, C, C) -> projected CLIP tokens (N, P, H) (no autograd when CLIP and projector are frozen)."""
         clip = self.mllm.model.vision_tower
         with torch.set_grad_enabled(torch.is_grad_enabled() and _trains(clip, self.mllm.model.multi_modal_projector)):
-            feats = self.mllm.model.get_image_features(pixel_values=clip_pixels.to(dtype)).pooler_output
-            tokens = torch.stack(list(feats))
+            feats = self.mllm.model.get_image_features(pixel_values=clip_pixels.to(self.dtype)).pooler_output
+            return torch.stack(list(feats))
+
+    def encode_sam(self, sam_pixels: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) -> SAM image embeddings (N, D, g, g) (no autograd when the encoder is frozen)."""
         encoder = self.sam.image_encoder
         with torch.set_grad_enabled(torch.is_grad_enabled() and _trains(encoder)):
-            embeddings = encoder(sam_pixels.to(dtype))
-        return tokens, embeddings
+            return encoder(sam_pixels.to(self.dtype))
 
     def embed(self, input_ids: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
         """Token embeddings with each row's <image> placeholders replaced by its (P, H) image tokens."""

@@ -9,6 +9,10 @@ Examples:
       --llava s3://bucket/LLaVA-Lightning-7B-v1-1 --clip s3://bucket/clip-vit-large-patch14 \\
       --sam s3://bucket/sam_vit_h_4b8939.pth --workers 8 --gpus-per-worker 1 --batch-size 20 \\
       --max-steps 5000 --output s3://bucket/runs/gsva-7b-gres
+  # the bases GSVA starts from, then GSVA's recipe on them (see README, "The shipped model")
+  python -m jobs.train --stage sam --objects data/shapes4k/tasks/raw/instances.json --preset shapes ...
+  python -m jobs.train --stage llava --objects data/shapes4k/tasks/raw/instances.json --preset shapes ...
+  python -m jobs.train --sam-base checkpoints/shapes-sam-base --llava-base checkpoints/shapes-llava-base ...
   # continue a stopped run (same --output)
   python -m jobs.train ... --output s3://bucket/runs/gsva-7b-gres --resume --max-steps 6000
 """
@@ -24,6 +28,7 @@ from gsva.losses import LossConfig
 from pipeline.storage import StorageError, StorageOptions
 from pipeline.train.config import (
     PRECISIONS,
+    STAGES,
     STRATEGIES,
     InitSpec,
     OptimConfig,
@@ -51,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--resume", action="store_true", help="continue the run in --output from its latest checkpoint")
 
     model = p.add_argument_group("model")
+    model.add_argument("--stage", choices=STAGES, default=TrainConfig.stage,
+                       help="gsva: GSVA fine-tuning; sam / llava: pretrain the SAM / LLaVA base (default: %(default)s)")
+    model.add_argument("--objects", help="with --stage sam|llava: the dataset's COCO instances.json (every object)")
+    model.add_argument("--sam-base", help="start GSVA from this SAM base (our format; its sam.* weights) ...")
+    model.add_argument("--llava-base", help="... and this LLaVA base (everything else, and the tokenizer)")
     model.add_argument("--preset", help="gsva.config preset: tiny, shapes, gsva-7b, gsva-13b")
     model.add_argument("--init", help="start from our checkpoint (folder) or the official GSVA .bin")
     model.add_argument("--llava", help="with an official --init: the LLaVA model folder (weights + tokenizer)")
@@ -62,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     trainable.add_argument("--full", action="store_true", help="train every parameter (the default from a "
                            "random init, i.e. --preset without --init); same as --policy all")
     trainable.add_argument("--policy", choices=POLICIES, help="trainable parameters: lora (LoRA on q/v + lm_head, "
-                           "embed_tokens, mask decoder, text_hidden_fcs), llm (the whole LLM instead of LoRA), all")
+                           "embed_tokens, mask decoder, text_hidden_fcs), llm (the whole LLM instead of LoRA), all; "
+                           "sam / vision / mllm (the sam / llava stages; default sam / mllm there)")
     model.add_argument("--max-expressions", type=int, help="K: expressions per sample, at most (default: the "
                        "model's max_expressions_per_prompt)")
     model.add_argument("--gradient-checkpointing", action="store_true", help="recompute LLM activations "
@@ -117,7 +128,9 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         raise TrainConfigError(str(exc)) from None
     return TrainConfig(
         data=args.data, output=args.output, max_steps=args.max_steps, batch_size=args.batch_size,
-        init=InitSpec(preset=args.preset, checkpoint=args.init, llava=args.llava, clip=args.clip, sam=args.sam),
+        init=InitSpec(preset=args.preset, checkpoint=args.init, llava=args.llava, clip=args.clip, sam=args.sam,
+                      sam_base=args.sam_base, llava_base=args.llava_base),
+        stage=args.stage, objects=args.objects,
         max_expressions=args.max_expressions, policy="all" if args.full else args.policy, lora_r=args.lora_r,
         optim=OptimConfig(lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
                           grad_clip=args.grad_clip),

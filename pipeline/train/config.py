@@ -4,6 +4,7 @@ Defaults are GSVA's official recipe (``gsva-facts.md``): AdamW lr 3e-4, betas (0
 100 warm-up steps then linear decay to 0, gradient clipping 1.0, bf16 on GPUs, LoRA (r from the preset:
 8 for 7B, 64 for 13B) on q/v with lm_head, embed_tokens, SAM's mask decoder and text_hidden_fcs trained.
 A run from a random initialisation (the ``tiny`` / ``shapes`` presets) trains every parameter instead.
+``stage`` picks what is learned (pipeline.train.stages): GSVA itself, or the SAM / LLaVA bases it starts from.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from pipeline.storage import StorageOptions
 
 STRATEGIES = ("ddp", "fsdp")
 PRECISIONS = ("auto", "bf16", "fp32")
+STAGES = ("gsva", "sam", "llava")
+PRETRAINING_STAGES = ("sam", "llava")
 #: Logical CPUs a local Ray cluster keeps free for Ray Data's read/decode tasks beside the workers: on a
 #: 2-core machine, workers that take every CPU starve ingestion and the run hangs (ray-facts.md).
 INGEST_CPUS = 2
@@ -98,6 +101,12 @@ class InitSpec:
     llava: str | None = None
     clip: str | None = None
     sam: str | None = None
+    sam_base: str | None = None  # our format: the SAM base (its sam.* weights) ...
+    llava_base: str | None = None  # ... combined with the LLaVA base (everything else), gsva.checkpoint
+
+    @property
+    def bases(self) -> bool:
+        return self.sam_base is not None or self.llava_base is not None
 
     @property
     def official(self) -> bool:
@@ -108,8 +117,15 @@ class InitSpec:
 
         if self.preset is not None and self.preset not in PRESETS:
             raise TrainConfigError(f"--preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        if self.bases:
+            if self.sam_base is None or self.llava_base is None:
+                raise TrainConfigError("--sam-base and --llava-base go together")
+            if self.checkpoint is not None or self.preset is not None:
+                raise TrainConfigError("--sam-base/--llava-base replace --init and --preset")
+            return
         if self.checkpoint is None and self.preset is None:
-            raise TrainConfigError("give --preset (random init) or --init (a checkpoint to start from)")
+            raise TrainConfigError("give --preset (random init), --init (a checkpoint to start from) or "
+                                   "--sam-base with --llava-base")
         if self.checkpoint is None and PRESETS[self.preset].tokenizer != "builtin-bpe":
             raise TrainConfigError(f"preset {self.preset!r} starts from pretrained weights: pass --init "
                                    "(our checkpoint, or the official GSVA .bin with --llava)")
@@ -150,6 +166,8 @@ class TrainConfig:
     export: str | None = None  # also write the final model here (our format, LoRA merged)
     export_dtype: str = "float32"
     storage: StorageOptions = field(default_factory=StorageOptions)
+    stage: str = "gsva"
+    objects: str | None = None  # COCO instances.json: every object of the images (pretraining stages)
     train_split: str = TRAIN_SPLIT
     val_split: str = VAL_SPLIT
 
@@ -181,6 +199,17 @@ class TrainConfig:
             raise TrainConfigError(f"--export-dtype must be one of {DTYPES}, got {self.export_dtype!r}")
         if min(self.loss.ce_weight, self.loss.bce_weight, self.loss.dice_weight) < 0:
             raise TrainConfigError("--ce-weight, --bce-weight and --dice-weight must be >= 0")
+        if self.stage not in STAGES:
+            raise TrainConfigError(f"--stage must be one of {STAGES}, got {self.stage!r}")
+        if self.stage in PRETRAINING_STAGES:
+            if not self.objects:
+                raise TrainConfigError(f"--stage {self.stage} needs --objects (the dataset's COCO instances.json)")
+            if self.scaling.strategy != "ddp":
+                raise TrainConfigError(f"--stage {self.stage} runs with --strategy ddp only")
+            if self.init.bases:
+                raise TrainConfigError("--sam-base/--llava-base start the gsva stage, not a pretraining stage")
+        elif self.objects:
+            raise TrainConfigError("--objects only applies to the pretraining stages (--stage sam|llava)")
         self.optim.validate()
         self.scaling.validate()
         self.init.validate()
@@ -189,7 +218,11 @@ class TrainConfig:
     def trainable_policy(self) -> str:
         if self.policy is not None:
             return self.policy
-        return "lora" if self.lora_r is not None or self.init.checkpoint is not None else "all"
+        if self.stage == "sam":
+            return "sam"
+        if self.stage == "llava":
+            return "mllm"
+        return "lora" if self.lora_r is not None or self.init.checkpoint is not None or self.init.bases else "all"
 
     @property
     def validation_interval(self) -> int:

@@ -10,7 +10,9 @@ import io
 from typing import Any
 
 LOSS_KEYS = (("loss", "total"), ("ce", "CE"), ("bce", "BCE"), ("dice", "DICE"))
-VAL_KEYS = (("val/giou", "gIoU"), ("val/ciou", "cIoU"), ("val/n_acc", "N-acc"), ("val/t_acc", "T-acc"))
+VAL_KEYS = (("val/giou", "gIoU"), ("val/ciou", "cIoU"), ("val/n_acc", "N-acc"), ("val/t_acc", "T-acc"),
+            ("val/point_iou", "point-prompt IoU"), ("val/box_iou", "box-prompt IoU"),
+            ("val/answer_token_acc", "answer token accuracy"))
 SMOOTH_WINDOW = 25  # steps of the running mean drawn over the raw loss
 
 
@@ -35,7 +37,7 @@ def render(history: list[dict[str, Any]], title: str) -> bytes:
     steps = [r["step"] for r in history if "loss" in r]
     for key, label in LOSS_KEYS:
         values = [r[key] for r in history if "loss" in r]
-        if values:
+        if any(values):  # a stage without that part (SAM: no CE, LLaVA: no masks) draws no flat zero line
             ax_loss.plot(steps, values, alpha=0.25, linewidth=0.8)
             ax_loss.plot(steps, _smooth(values, SMOOTH_WINDOW), label=label, color=ax_loss.lines[-1].get_color())
     ax_loss.set_yscale("log")
@@ -51,7 +53,7 @@ def render(history: list[dict[str, Any]], title: str) -> bytes:
             ax_val.plot(*zip(*points), marker="o", label=label)
     ax_val.set_ylim(0, 1)
     ax_val.set_xlabel("step")
-    ax_val.set_ylabel("validation (generate mode)")
+    ax_val.set_ylabel("validation")
     ax_val.grid(alpha=0.3)
     if ax_val.lines:
         ax_val.legend(loc="lower right")

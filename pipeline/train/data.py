@@ -15,7 +15,7 @@ Every image is offered once per epoch, each time with a fresh choice of its expr
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -137,9 +137,10 @@ class EpochStats:
 
 
 def sample_batches(rows: Iterator[dict[str, np.ndarray]], batch_size: int, k: int, rng: random.Random,
-                   stats: EpochStats) -> Iterator[list[Sample]]:
+                   stats: EpochStats, draw: Callable[..., list] = draw_samples) -> Iterator[list]:
     """Numpy row batches (Ray Data ``iter_batches``) -> lists of exactly ``batch_size`` samples; the
-    remainder that does not fill a batch at the end of the stream is dropped."""
+    remainder that does not fill a batch at the end of the stream is dropped. ``draw(pixels, expressions,
+    image_id, k, rng)`` makes an image's samples (the stage's; [] skips the image)."""
     pending: list[Sample] = []
     for fetched in rows:
         for image_id, pixels, expressions, error in zip(fetched["image_id"], fetched["pixels"],
@@ -149,7 +150,11 @@ def sample_batches(rows: Iterator[dict[str, np.ndarray]], batch_size: int, k: in
                 stats.skipped_images += 1
                 stats.first_error = stats.first_error or error or f"image {image_id}: no labelled expression"
                 continue
-            new = draw_samples(np.asarray(pixels, dtype=np.uint8), usable, str(image_id), k, rng)
+            new = draw(np.asarray(pixels, dtype=np.uint8), usable, str(image_id), k, rng)
+            if not new:
+                stats.skipped_images += 1
+                stats.first_error = stats.first_error or f"image {image_id}: nothing to train on for this stage"
+                continue
             stats.images += 1
             stats.all_rejected += not new
             stats.samples += len(new)

@@ -14,9 +14,11 @@ empty one): a typo can neither silently continue an old run nor silently start o
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import posixpath
+import time
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -27,6 +29,7 @@ from pipeline.train.config import INGEST_CPUS, TrainConfig, TrainConfigError
 #: step-N folder, means the folder holds a run.
 RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 STEP_PREFIX = "step-"
+RUN_FILE = "run.json"  # written beside an export: stage, steps, wall time
 
 
 @dataclass
@@ -83,10 +86,16 @@ def check_run_folder(cfg: TrainConfig) -> None:
 def check_init(cfg: TrainConfig) -> None:
     """Fail on the driver, in seconds, when --init / --preset cannot work (config.json only)."""
     init = cfg.init
-    if init.checkpoint is None or init.official:
-        return
     from gsva.meta import load_config
 
+    if init.bases:
+        sam, llava = load_config(init.sam_base, cfg.storage), load_config(init.llava_base, cfg.storage)
+        if sam.replace(name=llava.name) != llava:
+            raise TrainConfigError(f"--sam-base {init.sam_base} ({sam.name}) and --llava-base {init.llava_base} "
+                                   f"({llava.name}) are different architectures")
+        return
+    if init.checkpoint is None or init.official:
+        return
     found = load_config(init.checkpoint, cfg.storage)
     if init.preset is not None and found.name != init.preset:
         raise TrainConfigError(f"--preset {init.preset} but --init {init.checkpoint} holds a {found.name!r} model")
@@ -141,9 +150,10 @@ def checkpoint_uri(cfg: TrainConfig, checkpoint) -> str:
     return join(cfg.output if not is_local(cfg.output) else os.path.abspath(cfg.output), name)
 
 
-def export(cfg: TrainConfig, checkpoint_dir: str) -> None:
+def export(cfg: TrainConfig, checkpoint_dir: str, started: float | None = None) -> None:
     """Latest checkpoint -> ``--export`` in our format (LoRA merged, ``--export-dtype``), with the
-    training curve and history beside the weights."""
+    training curve and history beside the weights, and ``run.json``: stage, steps and the wall time
+    from the job's start (``started``, Ray start-up and validations included) to the export."""
     import torch
 
     from gsva.checkpoint import save_checkpoint
@@ -158,6 +168,11 @@ def export(cfg: TrainConfig, checkpoint_dir: str) -> None:
             dst_fs, dst = uncached(join(cfg.export, name), cfg.storage)
             with src_fs.open(src, "rb") as f, dst_fs.open(dst, "wb") as g:
                 g.write(f.read())
+    dst_fs, dst = uncached(join(cfg.export, RUN_FILE), cfg.storage)
+    with dst_fs.open(dst, "w") as g:
+        json.dump({"stage": cfg.stage, "policy": cfg.trainable_policy(), "max_steps": cfg.max_steps,
+                   "batch_size": cfg.batch_size, "workers": cfg.scaling.workers,
+                   "wall_seconds": round(time.time() - started, 1) if started is not None else None}, g, indent=2)
 
 
 def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
@@ -167,14 +182,16 @@ def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
         return absolute(uri) if uri else uri
 
     init = replace(cfg.init, checkpoint=maybe(cfg.init.checkpoint), llava=maybe(cfg.init.llava),
-                   clip=maybe(cfg.init.clip), sam=maybe(cfg.init.sam))
+                   clip=maybe(cfg.init.clip), sam=maybe(cfg.init.sam), sam_base=maybe(cfg.init.sam_base),
+                   llava_base=maybe(cfg.init.llava_base))
     return replace(cfg, data=absolute(cfg.data), output=absolute(cfg.output), val_data=maybe(cfg.val_data),
-                   export=maybe(cfg.export), init=init)
+                   export=maybe(cfg.export), init=init, objects=maybe(cfg.objects))
 
 
 def run(cfg: TrainConfig) -> TrainResult:
     """Validate, start Ray, train, export. Raises TrainConfigError for refusals, Ray's TrainingFailedError
     when the workers fail more often than --max-failures."""
+    started = time.time()
     cfg = with_absolute_paths(cfg.validate())
     check_run_folder(cfg)
     check_init(cfg)
@@ -186,5 +203,5 @@ def run(cfg: TrainConfig) -> TrainResult:
     uri = checkpoint_uri(cfg, result.checkpoint) if result.checkpoint else None
     if cfg.export and result.checkpoint is not None:
         with result.checkpoint.as_directory() as directory:
-            export(cfg, directory)
+            export(cfg, directory, started)
     return TrainResult(checkpoint=uri, metrics=dict(result.metrics or {}), export=cfg.export)

@@ -50,6 +50,16 @@ def wrap(model: nn.Module, strategy: str, device: torch.device, world_size: int)
     raise ValueError(f"unknown strategy {strategy!r}")
 
 
+def average_gradients(params: list[nn.Parameter], world_size: int) -> None:
+    """All-reduce (mean) the gradients of an unwrapped replica; a parameter without a gradient counts as 0
+    on that worker (every worker must make the same calls, so missing gradients become zeros)."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        torch.distributed.all_reduce(p.grad)
+        p.grad /= world_size
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The GSVA module itself (DDP keeps it in ``.module``; FSDP2 shards it in place)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

@@ -31,9 +31,10 @@ from typing import Any
 import torch
 
 from pipeline.train import parallel, state
-from pipeline.train.config import TrainConfig
+from pipeline.train.config import PRETRAINING_STAGES, TrainConfig
 from pipeline.train.data import EpochStats, iterate_rows, sample_batches
 from pipeline.train.optim import build_optimizer, schedule_state, set_lr
+from pipeline.train.stages import build_stage
 
 TRAIN_DATASET, VAL_DATASET = "train", "val"
 HISTORY_FILE = "history.json"
@@ -45,11 +46,16 @@ log = logging.getLogger(__name__)
 
 
 def initial_model(cfg: TrainConfig):
-    """(model, tokenizer) where a new run starts: official release, our checkpoint, or a preset."""
-    from gsva.checkpoint import load_model
+    """(model, tokenizer) where a new run starts: official release, our checkpoint, the SAM + LLaVA bases,
+    or a preset."""
+    from gsva.checkpoint import combine_bases, load_model
     from gsva.config import preset
 
     init = cfg.init
+    if init.bases:
+        model, tokenizer, report = combine_bases(init.sam_base, init.llava_base, cfg.storage)
+        log.info("bases combined: %s", report)
+        return model, tokenizer
     if init.official:
         from gsva.official import load_official
 
@@ -98,6 +104,14 @@ class TrainRecipe:
             model, self.tokenizer = initial_model(cfg)
         if cfg.lora_r is not None and not has_lora(model):
             model.cfg = model.cfg.replace(lora=replace(model.cfg.lora, r=cfg.lora_r))
+        objects = None
+        if cfg.objects:
+            from pipeline.train.objects import load_objects
+
+            objects, corrupt = load_objects(cfg.objects, cfg.storage)
+            if corrupt:
+                log.warning("--objects: %d corrupt entries left out", corrupt)
+        self.stage = build_stage(cfg.stage, objects)
         self.policy = cfg.trainable_policy()
         counts = freeze(model, self.policy, model.cfg.lora)
         if cfg.gradient_checkpointing:
@@ -105,7 +119,10 @@ class TrainRecipe:
         self.k = cfg.max_expressions or model.cfg.max_expressions_per_prompt
         model.train()
 
-        self.model = parallel.wrap(model, cfg.scaling.strategy, self.device, self.world)
+        # The pretraining stages call parts of the module, not its forward, so DDP's hooks would never
+        # arm: they train an unwrapped replica and average gradients themselves (parallel.average_gradients).
+        self.sync_gradients = cfg.stage in PRETRAINING_STAGES and self.world > 1
+        self.model = parallel.wrap(model, cfg.scaling.strategy, self.device, 1 if self.sync_gradients else self.world)
         self.module = parallel.unwrap(self.model)
         if self.model is not self.module:
             self.model.cfg = self.module.cfg  # gsva.training.training_loss reads model.cfg
@@ -129,7 +146,7 @@ class TrainRecipe:
             stats = EpochStats()
             rng = random.Random(f"{cfg.seed}/{self.rank}/{self.state.epoch}/{self.state.step}")
             batches = sample_batches(iterate_rows(self.train_shard, cfg.shuffle_buffer), cfg.batch_size, self.k,
-                                     rng, stats)
+                                     rng, stats, self.stage.draw)
             stepped = False
             self._last_step_end = time.perf_counter()
             for samples in self._together(batches):
@@ -166,16 +183,14 @@ class TrainRecipe:
         return bool(t.item())
 
     def _step(self, samples: list, rng: random.Random, stats: EpochStats) -> None:
-        from gsva.training import make_batch, training_loss
-
         cfg = self.cfg
         lr = set_lr(self.optimizer, cfg.optim, self.state.step, cfg.max_steps)
-        batch = make_batch(samples, self.tokenizer, self.module.cfg, self.module.token_ids, rng)
-        batch = batch.to(self.device)
         amp = torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
         with amp:
-            parts = training_loss(self.model, batch, cfg.loss)
+            parts = self.stage.loss(self.model, self.module, samples, self.tokenizer, rng, cfg.loss, self.device)
         parts.total.backward()
+        if self.sync_gradients:
+            parallel.average_gradients(self.params, self.world)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -214,13 +229,12 @@ class TrainRecipe:
 
     # -------------------------------------------------------------------------------------- validation
     def validate(self) -> dict[str, Any]:
-        from pipeline.train.validation import merge_across_workers, summary, unsharded, validate_shard
+        from pipeline.train.validation import unsharded
 
         started = time.perf_counter()
         with unsharded(self.model):
-            stats = validate_shard(self.module, self.tokenizer, self.val_shard, self.cfg.batch_size,
-                                   self.autocast_dtype, max_expressions=self.cfg.max_expressions)
-        out = summary(merge_across_workers(stats))
+            out = self.stage.validate(self.module, self.tokenizer, self.val_shard, self.cfg.batch_size,
+                                      self.autocast_dtype, self.cfg.max_expressions)
         out["val/seconds"] = time.perf_counter() - started
         return out
 
@@ -259,7 +273,8 @@ class TrainRecipe:
         from pipeline.storage import filesystem, join
         from pipeline.train.curve import render
 
-        title = (f"{self.module.cfg.name}: {self.world} worker(s), batch {self.cfg.batch_size}/worker, "
+        title = (f"{self.module.cfg.name}, stage {self.cfg.stage} ({self.policy}): {self.world} worker(s), "
+                 f"batch {self.cfg.batch_size}/worker, "
                  f"lr {self.cfg.optim.lr}")
         for name, payload in ((HISTORY_FILE, json.dumps(self.state.history).encode()),
                               (CURVE_FILE, render(self.state.history, title))):

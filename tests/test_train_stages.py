@@ -1,0 +1,167 @@
+"""The pretraining stages (SAM base, LLaVA base) and GSVA from both bases, on the tiny preset, in process
+(Ray Train's local mode, real Ray Data): each trains a few steps, its loss falls, it validates, resumes
+from its checkpoint, and the bases combine into one GSVA model."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gsva.checkpoint import combine_bases, load_checkpoint, load_model, save_checkpoint
+from gsva.config import preset
+from gsva.freeze import freeze
+from jobs.prepare import main as prepare_main
+from jobs.train import main as train_main
+from pipeline.prepare.formats.shapes_describe import (
+    ABSENT,
+    CAPTION_QUESTION,
+    DescribedObject,
+    caption,
+    phrases,
+    position,
+    where_question,
+)
+from pipeline.train import state
+from pipeline.train.config import InitSpec, TrainConfig, TrainConfigError
+from pipeline.train.objects import load_objects
+from pipeline.train.recipe import CURVE_FILE, HISTORY_FILE
+
+
+@pytest.fixture(scope="module")
+def shapes_data(ray_local, tmp_path_factory) -> tuple[str, str]:
+    """(task shards, instances.json) of 24 Shapes-GRES images."""
+    out = str(tmp_path_factory.mktemp("stage-data") / "tasks")
+    assert prepare_main(["--format", "shapes", "--num-images", "24", "--seed", "3", "--out", out,
+                         "--embed-images", "--rows-per-file", "8"]) == 0
+    return out, f"{out}/raw/instances.json"
+
+
+def run_stage(data: str, output: Path, steps: int, *args: str) -> tuple[list[dict], state.TrainState]:
+    """One train job (a real Ray Train worker, so checkpoints persist) -> (history, final train state)."""
+    assert train_main(["--data", data, "--val-data", data, "--val-max-images", "2", "--output", str(output),
+                       "--max-steps", str(steps), "--batch-size", "2", "--checkpoint-every", "3",
+                       "--shuffle-buffer", "4", "--lr", "3e-3", "--warmup-steps", "0", *args]) == 0
+    _, _, train_state = state.load(str(output / state.step_dir_name(steps)))
+    return json.loads((output / HISTORY_FILE).read_text()), train_state
+
+
+def falls(history: list[dict], key: str = "loss") -> bool:
+    values = [r[key] for r in history]
+    return np.mean(values[-3:]) < np.mean(values[:3])
+
+
+@pytest.mark.parametrize("stage", ["sam", "llava"])
+def test_pretraining_stage_learns_validates_and_resumes(shapes_data, tmp_path, stage):
+    data, objects = shapes_data
+    args = ["--stage", stage, "--objects", objects, "--preset", "tiny"]
+    history, first = run_stage(data, tmp_path / stage, 6, *args)
+    assert falls(history) and first.step == 6
+    if stage == "sam":
+        assert all(r["ce"] == 0 for r in history)  # no text in SAM's task
+        assert 0 <= history[-1]["val/point_iou"] <= 1 and 0 <= history[-1]["val/box_iou"] <= 1
+    else:
+        assert all(r["bce"] == 0 for r in history)  # no mask in LLaVA's
+        assert 0 <= history[-1]["val/answer_token_acc"] <= 1
+    history, resumed = run_stage(data, tmp_path / stage, 9, *args, "--resume")
+    assert [(s["step"], s["resumed"]) for s in resumed.starts] == [(0, False), (6, True)]
+    assert [r["step"] for r in history] == list(range(1, 10))
+    model, _, _ = load_checkpoint(str(tmp_path / stage / state.step_dir_name(9) / state.MODEL_DIR))
+    fresh, _, _ = load_model("tiny")
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, fresh.state_dict()[k])}
+    trained = ("sam.",) if stage == "sam" else ("mllm.",)
+    assert changed and all(k.startswith(trained) for k in changed)
+
+
+def test_gsva_from_both_bases_combines_them_and_trains_lora(shapes_data, tmp_path):
+    data, _ = shapes_data
+    llava, tok, _ = load_model("tiny")
+    sam, _, _ = load_model("tiny")
+    with torch.no_grad():
+        for p in sam.sam.parameters():
+            p.add_(0.01)
+        for p in llava.mllm.parameters():
+            p.mul_(1.01)
+    save_checkpoint(sam, tok, str(tmp_path / "sam-base"))
+    save_checkpoint(llava, tok, str(tmp_path / "llava-base"))
+    combined, _, report = combine_bases(str(tmp_path / "sam-base"), str(tmp_path / "llava-base"))
+    assert report["sam_tensors"] > 0
+    for k, v in combined.state_dict().items():
+        assert torch.equal(v, (sam if k.startswith("sam.") else llava).state_dict()[k]), k
+    export = tmp_path / "export"
+    history, final = run_stage(data, tmp_path / "gsva", 6, "--sam-base", str(tmp_path / "sam-base"),
+                               "--llava-base", str(tmp_path / "llava-base"), "--export", str(export))
+    assert falls(history, "ce") and final.step == 6
+    assert json.loads((export / "run.json").read_text())["policy"] == "lora"
+    assert (export / CURVE_FILE).exists()
+
+
+def test_stage_options_are_checked(shapes_data, tmp_path):
+    data, objects = shapes_data
+    with pytest.raises(TrainConfigError, match="needs --objects"):
+        TrainConfig(data=data, output=str(tmp_path), max_steps=1, stage="sam", init=InitSpec(preset="tiny")).validate()
+    with pytest.raises(TrainConfigError, match="go together"):
+        TrainConfig(data=data, output=str(tmp_path), max_steps=1, init=InitSpec(sam_base="x")).validate()
+    with pytest.raises(TrainConfigError, match="only applies to the pretraining"):
+        TrainConfig(data=data, output=str(tmp_path), max_steps=1, objects=objects,
+                    init=InitSpec(preset="tiny")).validate()
+    with pytest.raises(SystemExit):
+        train_main(["--data", data, "--output", str(tmp_path / "x"), "--max-steps", "1", "--preset", "tiny",
+                    "--stage", "nope"])
+
+
+def test_objects_index_and_masks(shapes_data):
+    _, objects = shapes_data
+    index, corrupt = load_objects(objects)
+    assert corrupt == 0 and len(index) == 24
+    first = next(iter(index.values()))
+    assert all(o.category in ("circle", "square", "triangle") and "color" in o.attributes for o in first)
+
+
+def test_description_grammar():
+    objs = [DescribedObject("red", "circle", 10, 10), DescribedObject("blue", "circle", 90, 50),
+            DescribedObject("red", "square", 50, 95)]
+    assert position(objs[0], 100, 100) == "top far left" and position(objs[2], 100, 100) == "bottom centre"
+    question, answer = caption(objs, 100, 100)
+    assert question == CAPTION_QUESTION
+    assert answer == ("There are three shapes: a red circle at top far left, a red square at bottom centre, "
+                      "a blue circle at middle far right.")
+    table = phrases(objs)
+    assert [o.color for o in table["the leftmost circle"]] == ["red"]
+    assert len(table["all red shapes"]) == 2 and table["the green square"] == [] and "all squares" in table
+    q, a = where_question(objs, 100, 100, 3, random.Random(0))
+    asked = q.removeprefix("Where are ").removesuffix(" in this image?").split(", ")
+    assert len(asked) == 3 and a.startswith("Sure, ") and all(f"{p}: " in a for p in asked)
+    assert "the leftmost circle: a red circle at top far left" in where_question(objs, 100, 100, 20, random.Random(0))[1]
+    for p in asked:
+        assert (f"{p}: {ABSENT}" in a) == (table[p] == [])
+
+
+def test_sam_prompts_lie_on_their_objects():
+    from gsva.sam_training import ObjectSample, make_prompt_batch
+
+    cfg = preset("tiny")
+    mask = np.zeros((40, 80), dtype=bool)
+    mask[10:20, 50:70] = True
+    batch = make_prompt_batch([ObjectSample(np.zeros((40, 80, 3), np.uint8), [mask])], cfg, random.Random(0),
+                              kinds=("point",))
+    x, y = (batch.prompts[0][0] / (cfg.sam.image_size / 80)).tolist()
+    assert mask[int(y), int(x)]
+    batch = make_prompt_batch([ObjectSample(np.zeros((40, 80, 3), np.uint8), [mask])], cfg, random.Random(0),
+                              kinds=("box",))
+    x0, y0, x1, y1 = (batch.prompts[0][0] / (cfg.sam.image_size / 80)).tolist()
+    assert 48 <= x0 <= 52 and 69 <= x1 <= 72 and 9 <= y0 <= 11 and 19 <= y1 <= 21
+
+
+def test_policies_train_only_their_parts():
+    model, _, _ = load_model("tiny")
+    freeze(model, "sam")
+    trained = {n.split(".")[0] + "." + n.split(".")[1] for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == {"sam.image_encoder", "sam.prompt_encoder", "sam.mask_decoder"}
+    freeze(model, "vision")
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all("vision_tower" in n or "multi_modal_projector" in n for n in trained)

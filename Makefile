@@ -29,7 +29,7 @@ clean:
 # ---------------------------------------------------------------------------------------- shapes-model
 # Every stage is one train job (Ray Train, checkpoints, curve; its export holds the curve, history.json and
 # run.json with the stage's wall time). Only the training split trains; val scores each stage's curve.
-PY := RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} OMP_NUM_THREADS=1 $(VENV)/bin/python
+PY := OMP_NUM_THREADS=1 $(VENV)/bin/python
 SHAPES := data/shapes4k/tasks
 RUNS := outputs/shapes-model
 RUN := --data $(SHAPES) --val-data $(SHAPES) --threads-per-worker 1 --report-every 10

@@ -111,7 +111,10 @@ def test_two_node_cluster_on_loopback_survives_a_lost_worker_node(two_nodes, s3,
                 f"--batch-size 1 --cpus-per-replica 1 --replica-resources '{ON_WORKER}'")
     job_id = submit(client, annotate)
     deadline = time.monotonic() + JOB_TIMEOUT_S
-    hold.wait_until_held(lambda: not client.get_job_status(job_id).is_terminal(), JOB_TIMEOUT_S)
+    try:
+        hold.wait_until_held(lambda: not client.get_job_status(job_id).is_terminal(), JOB_TIMEOUT_S)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; the job's log ends:\n{client.get_job_logs(job_id)[-4000:]}") from None
     (control / "kill-worker").write_text("")
     wait_for_file(control / "worker-killed", lambda: runner.poll() is None)
     (control / "start-worker").write_text("")

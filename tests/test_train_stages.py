@@ -136,7 +136,8 @@ def test_description_grammar():
     q, a = where_question(objs, 100, 100, 3, random.Random(0))
     asked = q.removeprefix("Where are ").removesuffix(" in this image?").split(", ")
     assert len(asked) == 3 and a.startswith("Sure, ") and all(f"{p}: " in a for p in asked)
-    assert "the leftmost circle: a red circle at top far left" in where_question(objs, 100, 100, 20, random.Random(0))[1]
+    answer = where_question(objs, 100, 100, 20, random.Random(0))[1]
+    assert "the leftmost circle: a red circle at top far left" in answer
     for p in asked:
         assert (f"{p}: {ABSENT}" in a) == (table[p] == [])
 

@@ -16,7 +16,7 @@ from gsva.config import PRESETS, preset
 from gsva.meta import checkpoint_identity as meta_identity
 from gsva.meta import preset_identity, read_meta
 from pipeline.annotate.config import AnnotateConfig
-from pipeline.annotate.layout import OutputLayout, read_json, write_json
+from pipeline.annotate.layout import OutputLayout, read_optional_json, write_json
 from pipeline.schemas import PREDICTION_SCHEMA
 from pipeline.storage import StorageOptions, filesystem, is_local
 
@@ -104,7 +104,7 @@ def check_or_record(layout: OutputLayout, expected: dict[str, Any]) -> bool:
     path have the same `model` identity and may resume.
     """
     fs, _ = layout.fs()
-    found = read_json(fs, layout.fingerprint)
+    found = read_optional_json(fs, layout.fingerprint)
     if found is None:
         write_json(fs, layout.fingerprint, expected, layout.staging)
         return True

@@ -127,7 +127,8 @@ def write_json(fs: fsspec.AbstractFileSystem, path: str, value: dict[str, Any], 
     atomic_write(fs, path, json.dumps(value, indent=2, sort_keys=True).encode("utf-8"), staging)
 
 
-def read_json(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any] | None:
+def read_optional_json(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any] | None:
+    """The parsed JSON file at `path` of `fs`, or None when it does not exist (markers, the fingerprint)."""
     if not fs.exists(path):
         return None
     with fs.open(path, "rb") as f:
@@ -143,7 +144,7 @@ def completed(layout: OutputLayout) -> dict[str, dict[str, Any]]:
     done = {}
     for key, path in markers.items():
         if key in finals:
-            marker = read_json(fs, path)
+            marker = read_optional_json(fs, path)
             if marker is not None:
                 done[key] = marker
     return done

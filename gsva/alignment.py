@@ -43,9 +43,9 @@ class TextBatch:
 def make_text_batch(samples: list[TextSample], tokenizer: Tokenizer, model_cfg, token_ids) -> TextBatch:
     """One conversation per sample; only the answer (and ``</s>``) is labelled."""
     encoded = []
-    for s in samples:
-        prompt, answer = prompts.conversation(s.question, s.answer, model_cfg)
-        encoded.append(prompts.encode(tokenizer, token_ids, prompt, answer, model_cfg.vision.num_image_tokens))
+    for s in samples:  # the user message as LLaVA's: "<image>\n" + question
+        prompt, answer = prompts.conversation(f"{model_cfg.tokens.image}\n{s.question}", s.answer, model_cfg)
+        encoded.append(prompts.encode(tokenizer, token_ids, prompt, answer, model_cfg))
     batch = prompts.collate(encoded, token_ids.pad)
     pixels = torch.stack([clip_input(to_rgb_uint8(s.image, f"image {i}"), model_cfg.vision)
                           for i, s in enumerate(samples)])

@@ -32,8 +32,9 @@ ATTRIBUTES = ("color",)
 
 def load_objects(uri: str, storage: StorageOptions | None = None) -> tuple[ObjectIndex, int]:
     """-> ({image id: objects}, number of corrupt entries left out)."""
-    from pipeline.prepare.formats.coco import index_instances, read_json
+    from pipeline.prepare.formats.coco import index_instances
     from pipeline.prepare.formats.items import SkipReport
+    from pipeline.storage import read_json
 
     instances = read_json(uri, storage)
     skips = SkipReport()

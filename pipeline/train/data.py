@@ -132,7 +132,9 @@ class EpochStats:
     images: int = 0
     samples: int = 0
     skipped_images: int = 0
-    all_rejected: int = 0  # draws whose expressions were all no-target (dropped, as officially replaced)
+    # draws that gave nothing to train on, dropped: all expressions no-target (GSVA, as officially replaced),
+    # or an image without objects (the pretraining stages)
+    all_rejected: int = 0
     first_error: str | None = None
 
 
@@ -140,7 +142,7 @@ def sample_batches(rows: Iterator[dict[str, np.ndarray]], batch_size: int, k: in
                    stats: EpochStats, draw: Callable[..., list] = draw_samples) -> Iterator[list]:
     """Numpy row batches (Ray Data ``iter_batches``) -> lists of exactly ``batch_size`` samples; the
     remainder that does not fill a batch at the end of the stream is dropped. ``draw(pixels, expressions,
-    image_id, k, rng)`` makes an image's samples (the stage's; [] skips the image)."""
+    image_id, k, rng)`` makes an image's samples (the stage's; [] is a dropped draw)."""
     pending: list[Sample] = []
     for fetched in rows:
         for image_id, pixels, expressions, error in zip(fetched["image_id"], fetched["pixels"],
@@ -151,10 +153,6 @@ def sample_batches(rows: Iterator[dict[str, np.ndarray]], batch_size: int, k: in
                 stats.first_error = stats.first_error or error or f"image {image_id}: no labelled expression"
                 continue
             new = draw(np.asarray(pixels, dtype=np.uint8), usable, str(image_id), k, rng)
-            if not new:
-                stats.skipped_images += 1
-                stats.first_error = stats.first_error or f"image {image_id}: nothing to train on for this stage"
-                continue
             stats.images += 1
             stats.all_rejected += not new
             stats.samples += len(new)

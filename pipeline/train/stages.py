@@ -90,16 +90,19 @@ class SAMStage:
         try:
             for fetched in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
                 for image_id, pixels, error in zip(fetched["image_id"], fetched["pixels"], fetched["error"]):
-                    masks = [] if error else self._masks(np.asarray(pixels, dtype=np.uint8), image_id)
+                    image = np.asarray(pixels, dtype=np.uint8)
+                    masks = [] if error else self._masks(image, image_id)
                     if not masks:
                         continue
+                    embedding = None  # one SAM image encoding serves both prompt kinds of this image
                     for kind, total in sums.items():
                         rng = random.Random(f"val/{image_id}")
-                        batch = make_prompt_batch([ObjectSample(np.asarray(pixels, dtype=np.uint8), masks)],
-                                                  module.cfg, rng, kinds=(kind,)).to(module.device)
+                        batch = make_prompt_batch([ObjectSample(image, masks)], module.cfg, rng,
+                                                  kinds=(kind,)).to(module.device)
                         with amp:
-                            low = prompted_masks(module.sam, module.encode_sam(batch.sam_pixels)[0], kind,
-                                                 batch.prompts[0])
+                            if embedding is None:
+                                embedding = module.encode_sam(batch.sam_pixels)[0]
+                            low = prompted_masks(module.sam, embedding, kind, batch.prompts[0])
                         pred = masks_to_original(low.float(), batch.resized[0], batch.original[0],
                                                  module.cfg.sam.image_size) > 0
                         for p, t in zip(pred, batch.targets[0]):

@@ -1,8 +1,8 @@
 # Two commands do all the set-up on a fresh clone:
 #   make demo   - create .venv if needed, then run the annotate job on its embedded default
 #   make test   - create .venv if needed, then run the whole test suite
-#   make shapes-model - rebuild the shipped Shapes-GRES model from nothing (dataset, SAM base, LLaVA base,
-#                 GSVA fine-tuning, evaluation on the test split); see README "The shipped model"
+#   make shapes-model - rebuild the shipped Shapes-GRES model from nothing (dataset, CLIP, SAM base, LLaVA
+#                 base, GSVA fine-tuning, evaluation on the test split); see README "The shipped model"
 PYTHON ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
@@ -34,18 +34,23 @@ SHAPES := data/shapes4k/tasks
 RUNS := outputs/shapes-model
 RUN := --data $(SHAPES) --val-data $(SHAPES) --threads-per-worker 1 --report-every 10
 OBJECTS := --objects $(SHAPES)/raw/instances.json
+CLIP_STEPS ?= 3000
 SAM_STEPS ?= 1200
-ALIGN_STEPS ?= 200
+ALIGN_STEPS ?= 300
 LLAVA_STEPS ?= 1500
 GSVA_STEPS ?= 1000
 
 shapes-model: $(STAMP)
 	rm -rf $(RUNS)
 	$(PY) -m jobs.prepare --format shapes --num-images 4000 --seed 0 --out $(SHAPES)
+	$(PY) -m jobs.train --stage clip $(OBJECTS) --preset shapes $(RUN) --batch-size 32 --max-steps $(CLIP_STEPS) \
+	  --lr 1e-3 --warmup-steps 100 --checkpoint-every 1000 --val-max-images 100 --output $(RUNS)/clip \
+	  --export $(RUNS)/clip-export
 	$(PY) -m jobs.train --stage sam $(OBJECTS) --preset shapes $(RUN) --batch-size 4 --max-steps $(SAM_STEPS) \
 	  --checkpoint-every 400 --val-max-images 50 --output $(RUNS)/sam \
 	  --export checkpoints/shapes-sam-base --export-dtype float16
-	$(PY) -m jobs.train --stage llava --policy vision $(OBJECTS) --preset shapes $(RUN) --batch-size 8 \
+	$(PY) -m jobs.train --stage llava --policy projector $(OBJECTS) --init $(RUNS)/clip-export $(RUN) \
+	  --batch-size 16 --lr 1e-3 \
 	  --max-steps $(ALIGN_STEPS) --checkpoint-every $(ALIGN_STEPS) --val-max-images 50 \
 	  --output $(RUNS)/llava-align --export $(RUNS)/llava-align-export
 	$(PY) -m jobs.train --stage llava --policy mllm $(OBJECTS) --init $(RUNS)/llava-align-export $(RUN) \

@@ -23,7 +23,7 @@ CLIP_PIXEL_STD = (0.26862954, 0.26130258, 0.27577711)
 GENERATE, TEACHER_FORCED = "generate", "teacher-forced"
 MODES = (GENERATE, TEACHER_FORCED)
 # Trainable policies (gsva.freeze) and the dtypes weights are stored in; torch-free so configs can check them.
-POLICIES = ("lora", "llm", "all", "sam", "vision", "mllm")
+POLICIES = ("lora", "llm", "all", "clip", "sam", "projector", "mllm")
 DTYPES = ("float32", "bfloat16", "float16")
 #: The official conv_type choices (gsva.prompts.TEMPLATES holds their strings).
 CONVERSATIONS = ("llava_v1", "llava_llama_2")

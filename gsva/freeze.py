@@ -8,9 +8,11 @@ Policies:
 - ``"all"``: every parameter (training a preset from scratch, e.g. Shapes-GRES ``--full``).
 
 Pretraining policies (the bases GSVA starts from, see pipeline.train.stages):
+- ``"clip"``: CLIP's vision tower (the stand-in for CLIP's own pretraining).
 - ``"sam"``: SAM's image encoder, prompt encoder and mask decoder (SAM's own promptable segmentation).
-- ``"vision"``: CLIP and the projector (LLaVA stage 1, with CLIP too because a preset's CLIP is random).
-- ``"mllm"``: CLIP, the projector and the whole LLM with ``embed_tokens`` and ``lm_head`` (LLaVA stage 2).
+- ``"projector"``: the projector (LLaVA stage 1; CLIP frozen).
+- ``"mllm"``: the projector and the whole LLM with ``embed_tokens`` and ``lm_head`` (LLaVA stage 2; CLIP
+  frozen, as in LLaVA).
 """
 
 from __future__ import annotations
@@ -44,10 +46,12 @@ def trained_parts(model: nn.Module, policy: str) -> list[nn.Module]:
     mllm = model.mllm.model
     if policy == "sam":
         return [model.sam.image_encoder, model.sam.prompt_encoder, model.sam.mask_decoder]
-    if policy == "vision":
-        return [mllm.vision_tower, mllm.multi_modal_projector]
+    if policy == "clip":
+        return [mllm.vision_tower]
+    if policy == "projector":
+        return [mllm.multi_modal_projector]
     if policy == "mllm":
-        return [model.mllm]
+        return [mllm.multi_modal_projector, model.language_model, model.mllm.lm_head]
     if policy in ("lora", "llm"):
         parts = [model.mllm.lm_head, model.language_model.embed_tokens, model.sam.mask_decoder, model.text_hidden_fcs]
         return [*parts, model.language_model] if policy == "llm" else parts

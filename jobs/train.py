@@ -10,6 +10,7 @@ Examples:
       --sam s3://bucket/sam_vit_h_4b8939.pth --workers 8 --gpus-per-worker 1 --batch-size 20 \\
       --max-steps 5000 --output s3://bucket/runs/gsva-7b-gres
   # the bases GSVA starts from, then GSVA's recipe on them (see README, "The shipped model")
+  python -m jobs.train --stage clip --objects data/shapes4k/tasks/raw/instances.json --preset shapes ...
   python -m jobs.train --stage sam --objects data/shapes4k/tasks/raw/instances.json --preset shapes ...
   python -m jobs.train --stage llava --objects data/shapes4k/tasks/raw/instances.json --preset shapes ...
   python -m jobs.train --sam-base checkpoints/shapes-sam-base --llava-base checkpoints/shapes-llava-base ...
@@ -57,8 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = p.add_argument_group("model")
     model.add_argument("--stage", choices=STAGES, default=TrainConfig.stage,
-                       help="gsva: GSVA fine-tuning; sam / llava: pretrain the SAM / LLaVA base (default: %(default)s)")
-    model.add_argument("--objects", help="with --stage sam|llava: the dataset's COCO instances.json (every object)")
+                       help="gsva: GSVA fine-tuning; clip / sam / llava: pretrain CLIP, the SAM base, the LLaVA base "
+                       "(default: %(default)s)")
+    model.add_argument("--objects", help="with --stage clip|sam|llava: the dataset's COCO instances.json "
+                       "(every object)")
     model.add_argument("--sam-base", help="start GSVA from this SAM base (our format; its sam.* weights) ...")
     model.add_argument("--llava-base", help="... and this LLaVA base (everything else, and the tokenizer)")
     model.add_argument("--preset", help="gsva.config preset: tiny, shapes, gsva-7b, gsva-13b")
@@ -73,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "random init, i.e. --preset without --init); same as --policy all")
     trainable.add_argument("--policy", choices=POLICIES, help="trainable parameters: lora (LoRA on q/v + lm_head, "
                            "embed_tokens, mask decoder, text_hidden_fcs), llm (the whole LLM instead of LoRA), all; "
-                           "sam / vision / mllm (the sam / llava stages; default sam / mllm there)")
+                           "clip / sam / projector / mllm (the clip / sam / llava stages; default clip / sam / mllm "
+                           "there)")
     model.add_argument("--max-expressions", type=int, help="K: expressions per sample, at most (default: the "
                        "model's max_expressions_per_prompt)")
     model.add_argument("--gradient-checkpointing", action="store_true", help="recompute LLM activations "

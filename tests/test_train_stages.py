@@ -55,7 +55,7 @@ def falls(history: list[dict], key: str = "loss") -> bool:
     return np.mean(values[-3:]) < np.mean(values[:3])
 
 
-@pytest.mark.parametrize("stage", ["sam", "llava"])
+@pytest.mark.parametrize("stage", ["clip", "sam", "llava"])
 def test_pretraining_stage_learns_validates_and_resumes(shapes_data, tmp_path, stage):
     data, objects = shapes_data
     args = ["--stage", stage, "--objects", objects, "--preset", "tiny"]
@@ -64,6 +64,10 @@ def test_pretraining_stage_learns_validates_and_resumes(shapes_data, tmp_path, s
     if stage == "sam":
         assert all(r["ce"] == 0 for r in history)  # no text in SAM's task
         assert 0 <= history[-1]["val/point_iou"] <= 1 and 0 <= history[-1]["val/box_iou"] <= 1
+    elif stage == "clip":
+        assert all(r["bce"] == 0 and r["ce"] > 0 for r in history)  # patch classes (+ box L1 in the total)
+        assert {"val/object_patch_acc", "val/background_patch_acc", "val/box_l1"} <= set(history[-1])
+        assert set(first.stage_head) == {"weights", "optimizer"}  # the dense head resumes too
     else:
         assert all(r["bce"] == 0 for r in history)  # no mask in LLaVA's
         assert 0 <= history[-1]["val/answer_token_acc"] <= 1
@@ -73,7 +77,7 @@ def test_pretraining_stage_learns_validates_and_resumes(shapes_data, tmp_path, s
     model, _, _ = load_checkpoint(str(tmp_path / stage / state.step_dir_name(9) / state.MODEL_DIR))
     fresh, _, _ = load_model("tiny")
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, fresh.state_dict()[k])}
-    trained = ("sam.",) if stage == "sam" else ("mllm.",)
+    trained = {"sam": ("sam.",), "clip": ("mllm.model.vision_tower.",), "llava": ("mllm.",)}[stage]
     assert changed and all(k.startswith(trained) for k in changed)
 
 
@@ -128,8 +132,8 @@ def test_description_grammar():
     assert position(objs[0], 100, 100) == "top far left" and position(objs[2], 100, 100) == "bottom centre"
     question, answer = caption(objs, 100, 100)
     assert question == CAPTION_QUESTION
-    assert answer == ("There are three shapes: a red circle at top far left, a red square at bottom centre, "
-                      "a blue circle at middle far right.")
+    assert answer == ("There are three shapes: top far left red circle, bottom centre red square, "
+                      "middle far right blue circle.")
     table = phrases(objs)
     assert [o.color for o in table["the leftmost circle"]] == ["red"]
     assert len(table["all red shapes"]) == 2 and table["the green square"] == [] and "all squares" in table
@@ -137,7 +141,7 @@ def test_description_grammar():
     asked = q.removeprefix("Where are ").removesuffix(" in this image?").split(", ")
     assert len(asked) == 3 and a.startswith("Sure, ") and all(f"{p}: " in a for p in asked)
     answer = where_question(objs, 100, 100, 20, random.Random(0))[1]
-    assert "the leftmost circle: a red circle at top far left" in answer
+    assert "the leftmost circle: top far left red circle" in answer
     for p in asked:
         assert (f"{p}: {ABSENT}" in a) == (table[p] == [])
 
@@ -163,6 +167,13 @@ def test_policies_train_only_their_parts():
     freeze(model, "sam")
     trained = {n.split(".")[0] + "." + n.split(".")[1] for n, p in model.named_parameters() if p.requires_grad}
     assert trained == {"sam.image_encoder", "sam.prompt_encoder", "sam.mask_decoder"}
-    freeze(model, "vision")
+    freeze(model, "clip")
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trained and all("vision_tower" in n or "multi_modal_projector" in n for n in trained)
+    assert trained and all("vision_tower" in n for n in trained)
+    freeze(model, "projector")
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all("multi_modal_projector" in n for n in trained)
+    freeze(model, "mllm")
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("multi_modal_projector" in n for n in trained) and any("lm_head" in n for n in trained)
+    assert any("embed_tokens" in n for n in trained) and not any("vision_tower" in n or "sam." in n for n in trained)

@@ -18,8 +18,8 @@ from pipeline.storage import StorageOptions
 
 STRATEGIES = ("ddp", "fsdp")
 PRECISIONS = ("auto", "bf16", "fp32")
-STAGES = ("gsva", "sam", "llava")
-PRETRAINING_STAGES = ("sam", "llava")
+STAGES = ("gsva", "clip", "sam", "llava")
+PRETRAINING_STAGES = ("clip", "sam", "llava")
 #: Logical CPUs a local Ray cluster keeps free for Ray Data's read/decode tasks beside the workers: on a
 #: 2-core machine, workers that take every CPU starve ingestion and the run hangs (ray-facts.md).
 INGEST_CPUS = 2
@@ -209,7 +209,7 @@ class TrainConfig:
             if self.init.bases:
                 raise TrainConfigError("--sam-base/--llava-base start the gsva stage, not a pretraining stage")
         elif self.objects:
-            raise TrainConfigError("--objects only applies to the pretraining stages (--stage sam|llava)")
+            raise TrainConfigError("--objects only applies to the pretraining stages (--stage clip|sam|llava)")
         self.optim.validate()
         self.scaling.validate()
         self.init.validate()
@@ -218,8 +218,8 @@ class TrainConfig:
     def trainable_policy(self) -> str:
         if self.policy is not None:
             return self.policy
-        if self.stage == "sam":
-            return "sam"
+        if self.stage in ("clip", "sam"):
+            return self.stage
         if self.stage == "llava":
             return "mllm"
         return "lora" if self.lora_r is not None or self.init.checkpoint is not None or self.init.bases else "all"

@@ -53,7 +53,8 @@ def load_objects(uri: str, storage: StorageOptions | None = None) -> tuple[Objec
     return out, skips.total() + len(index.bad_anns) + len(index.bad_images)
 
 
-def object_masks(objects: list[ImageObject], height: int, width: int) -> list[np.ndarray]:
-    """Bool (H, W) masks of the objects; empty ones (nothing rasterised) are dropped."""
+def object_masks(objects: list[ImageObject], height: int, width: int, keep_empty: bool = False) -> list[np.ndarray]:
+    """Bool (H, W) masks of the objects; empty ones (nothing rasterised) are dropped unless ``keep_empty``
+    (then the i-th mask is the i-th object's)."""
     masks = [rle.decode(rle.from_segmentation(o.segmentation, height, width)).astype(bool) for o in objects]
-    return [m for m in masks if m.any()]
+    return masks if keep_empty else [m for m in masks if m.any()]

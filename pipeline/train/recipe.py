@@ -131,6 +131,19 @@ class TrainRecipe:
         if self.state.optimizer:
             parallel.load_optimizer_state(self.model, self.optimizer, self.state.optimizer)
         self.state.optimizer = {}
+        # A stage's own head (the clip stage's) trains beside the model with its own AdamW on the same
+        # schedule; pretraining stages average gradients by hand, so it needs no DDP wrapper.
+        self.optimizers = [self.optimizer]
+        self.trained = list(self.params)
+        head = self.stage.make_head(self.module.cfg)
+        if head is not None:
+            torch.manual_seed(cfg.seed)  # identical head on every worker
+            head.to(self.device)
+            self.optimizers.append(build_optimizer(list(head.parameters()), cfg.optim))
+            if self.state.stage_head:
+                head.load_state_dict(self.state.stage_head["weights"])
+                self.optimizers[1].load_state_dict(self.state.stage_head["optimizer"])
+            self.trained += list(head.parameters())
         self.state.starts.append({"step": self.state.step, "time": time.time(), "world_size": self.world,
                                   "resumed": checkpoint is not None})
         self.train_shard = ray.train.get_dataset_shard(TRAIN_DATASET)
@@ -184,16 +197,17 @@ class TrainRecipe:
 
     def _step(self, samples: list, rng: random.Random, stats: EpochStats) -> None:
         cfg = self.cfg
-        lr = set_lr(self.optimizer, cfg.optim, self.state.step, cfg.max_steps)
+        lr = [set_lr(o, cfg.optim, self.state.step, cfg.max_steps) for o in self.optimizers][0]
         amp = torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
         with amp:
             parts = self.stage.loss(self.model, self.module, samples, self.tokenizer, rng, cfg.loss, self.device)
         parts.total.backward()
         if self.sync_gradients:
-            parallel.average_gradients(self.params, self.world)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            parallel.average_gradients(self.trained, self.world)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trained, cfg.optim.grad_clip)
+        for optimizer in self.optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
 
         values = torch.stack([parts.total, parts.ce, parts.bce, parts.dice]).detach().float()
@@ -249,8 +263,12 @@ class TrainRecipe:
         module = self.module
         if parallel.is_sharded(self.model):
             module = state.materialize(self.module.cfg, model_state, has_lora(self.module))
+        head = self.stage.head
         train_state = state.TrainState(**{**self.state.to_dict(), "optimizer": optimizer_state,
-                                          "scheduler": schedule_state(self.cfg.optim, self.cfg.max_steps)})
+                                          "scheduler": schedule_state(self.cfg.optim, self.cfg.max_steps),
+                                          "stage_head": {} if head is None else {
+                                              "weights": {k: v.detach().cpu() for k, v in head.state_dict().items()},
+                                              "optimizer": self.optimizers[1].state_dict()}})
         state.save(directory, module, self.tokenizer, train_state)
 
     def checkpoint(self, record: dict[str, Any]) -> None:
@@ -286,7 +304,7 @@ class TrainRecipe:
     # ----------------------------------------------------------------------------------------- cleanup
     def cleanup(self) -> None:
         """Drop the model and optimizer before the worker returns (a restarted group starts clean)."""
-        for name in ("optimizer", "params", "module", "model"):
+        for name in ("optimizers", "optimizer", "trained", "params", "module", "model"):
             self.__dict__.pop(name, None)
 
     def _log(self, record: dict[str, Any]) -> None:

@@ -7,14 +7,19 @@ reports, curve):
 - ``sam``: each image's objects, each prompted by a point or a box (gsva.sam_training); 2 BCE + 0.5 DICE;
   policy ``sam`` (image encoder, prompt encoder, mask decoder).
 - ``llava``: one description of the image (pipeline.prepare.formats.shapes_describe) as a conversation
-  (gsva.alignment); CE; policy ``mllm`` (CLIP, projector, LLM), or ``vision`` (LLaVA's stage 1).
+  (gsva.alignment); CE; policy ``mllm`` (projector + LLM, LLaVA's stage 2), or ``projector`` (stage 1);
+  CLIP stays frozen in both, as in LLaVA.
+- ``clip``: every CLIP patch predicts the class (category + colour) and box of the object covering it
+  (gsva.vision_pretraining), the stand-in for CLIP's own pretraining; CE + 5 L1; policy ``clip`` (the
+  vision tower; the dense head trains beside it and is kept in the training state, not in the model).
 - ``gsva``: up to K referring expressions of the image in one conversation (gsva.training);
   CE + 2 BCE + 0.5 DICE; policy ``lora`` from a checkpoint or the bases, ``all`` from a preset.
 
-``sam`` and ``llava`` need every object of an image: ``--objects`` (the dataset's COCO ``instances.json``,
-pipeline.train.objects). Validation, on the val split: ``gsva`` the predictor in generate mode scored as
-gRefCOCO; ``sam`` the mean IoU of point- and box-prompted masks; ``llava`` the teacher-forced accuracy of
-the answer tokens.
+``clip``, ``sam`` and ``llava`` need every object of an image: ``--objects`` (the dataset's COCO
+``instances.json``, pipeline.train.objects). Validation, on the val split: ``gsva`` the predictor in generate
+mode scored as gRefCOCO; ``clip`` the class accuracy of object and background patches and the box L1;
+``sam`` the mean IoU of point- and box-prompted masks; ``llava`` the teacher-forced accuracy of the answer
+tokens.
 """
 
 from __future__ import annotations
@@ -29,7 +34,17 @@ import torch
 from pipeline.train.data import draw_samples
 
 
-class GSVAStage:
+class Stage:
+    """What every stage shares: no extra trained module (only the clip stage has one, its dense head)."""
+
+    head = None
+
+    def make_head(self, model_cfg):
+        """The module that trains beside the model (kept in the training state), or None."""
+        return None
+
+
+class GSVAStage(Stage):
     """GSVA's own fine-tuning (the default stage)."""
 
     name = "gsva"
@@ -54,7 +69,7 @@ class GSVAStage:
                                                            max_expressions=max_expressions)))
 
 
-class SAMStage:
+class SAMStage(Stage):
     """SAM's promptable segmentation on the images' objects (the SAM base)."""
 
     name = "sam"
@@ -115,7 +130,7 @@ class SAMStage:
         return {f"val/{kind}_iou": merged[2 * i] / max(merged[2 * i + 1], 1) for i, kind in enumerate(sums)}
 
 
-class LLaVAStage:
+class LLaVAStage(Stage):
     """LLaVA's alignment on descriptions generated from the images' annotations (the LLaVA base)."""
 
     name = "llava"
@@ -166,6 +181,75 @@ class LLaVAStage:
         return {"val/answer_token_acc": correct / max(total, 1)}
 
 
+class CLIPStage(Stage):
+    """Dense object recognition on CLIP's patch features (the pretrained CLIP GSVA's LLaVA reads)."""
+
+    name = "clip"
+
+    def __init__(self, objects):
+        self.objects = objects
+        keys = sorted({_class_key(o) for image in objects.values() for o in image})
+        self.classes = {key: i + 1 for i, key in enumerate(keys)}  # 0 is background
+
+    def make_head(self, model_cfg):
+        from gsva.vision_pretraining import DenseHead
+
+        self.head = DenseHead(model_cfg.vision.hidden_size, len(self.classes) + 1)
+        return self.head
+
+    def draw(self, pixels: np.ndarray, expressions: list[dict], image_id: str, k: int, rng: random.Random):
+        from gsva.vision_pretraining import DenseSample
+        from pipeline.train.objects import object_masks
+
+        objects = self.objects.get(str(image_id), [])
+        masks = object_masks(objects, pixels.shape[0], pixels.shape[1], keep_empty=True)
+        kept = [(m, self.classes[_class_key(o)]) for m, o in zip(masks, objects) if m.any()]
+        return [DenseSample(pixels, [m for m, _ in kept], [c for _, c in kept])] if kept else []
+
+    def loss(self, model, module, samples: list, tokenizer, rng: random.Random, loss_cfg, device):
+        from gsva.losses import LossParts
+        from gsva.vision_pretraining import dense_loss, make_dense_batch
+
+        total, ce, l1 = dense_loss(module, self.head, make_dense_batch(samples, module.cfg.vision).to(device))
+        zero = l1.new_zeros(())  # the box L1 is in the total and in validation (val/box_l1)
+        return LossParts(total=total, ce=ce, bce=zero, dice=zero, num_masks=0)
+
+    @torch.no_grad()
+    def validate(self, module, tokenizer, shard, batch_size: int, autocast_dtype,
+                 max_expressions: int | None = None) -> dict[str, Any]:
+        from gsva.vision_pretraining import dense_accuracy, make_dense_batch
+
+        keys = ("object_patches", "class_correct", "background_patches", "background_correct", "box_l1_sum")
+        sums = dict.fromkeys(keys, 0.0)
+        module.eval()
+        self.head.eval()
+        amp = torch.autocast(module.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+        try:
+            for fetched in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
+                samples = []
+                for image_id, pixels, error in zip(fetched["image_id"], fetched["pixels"], fetched["error"]):
+                    if not error:
+                        samples += self.draw(np.asarray(pixels, dtype=np.uint8), [], image_id, 1, random.Random(0))
+                if samples:
+                    with amp:
+                        counts = dense_accuracy(module, self.head, make_dense_batch(samples, module.cfg.vision)
+                                                .to(module.device))
+                    for key in keys:
+                        sums[key] += counts[key]
+        finally:
+            module.train()
+            self.head.train()
+        merged = dict(zip(keys, all_sum([sums[k] for k in keys], module.device)))
+        return {"val/object_patch_acc": merged["class_correct"] / max(merged["object_patches"], 1),
+                "val/background_patch_acc": merged["background_correct"] / max(merged["background_patches"], 1),
+                "val/box_l1": merged["box_l1_sum"] / max(merged["object_patches"], 1)}
+
+
+def _class_key(obj) -> tuple[str, ...]:
+    """An object's class for the dense head: its category and attributes (Shapes-GRES: shape + colour)."""
+    return (obj.category, *(f"{k}={v}" for k, v in sorted(obj.attributes.items())))
+
+
 def all_sum(values: list[float], device: torch.device) -> list[float]:
     """Sums over the workers (every worker gets them); the values themselves when alone."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -177,7 +261,7 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
 
 def build_stage(name: str, objects=None):
     """The stage object for a run (``objects``: the ObjectIndex the pretraining stages need)."""
-    kinds = {"gsva": GSVAStage, "sam": SAMStage, "llava": LLaVAStage}
+    kinds = {"gsva": GSVAStage, "clip": CLIPStage, "sam": SAMStage, "llava": LLaVAStage}
     if name not in kinds:
         raise ValueError(f"unknown stage {name!r}; stages: {', '.join(kinds)}")
     return kinds[name](objects)

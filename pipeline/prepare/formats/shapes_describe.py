@@ -4,16 +4,18 @@ Generated from the image's COCO annotations only (each object's colour, shape an
 referring expressions. Two kinds of sample, one conversation each (question, answer):
 
 - caption (``CAPTION_SHARE`` of the draws): "Describe the shapes in this image." ->
-  "There are 3 shapes: a red circle at top left, a blue square at middle right, a green triangle at
-  bottom centre." - every object, left to right (by box centre x, ties by y), each with its position.
+  "There are three shapes: top left red circle, middle right blue square, bottom centre green
+  triangle." - every object, left to right (by box centre x, ties by y), its position first.
 - where-question: up to K phrases about the image, each one of
   ``the {color} {shape}`` (exactly one such object, or none), ``all {color} shapes``, ``all {shape}s``,
   ``the leftmost {shape}`` / ``the rightmost {shape}`` (two or more of that shape, unique extreme),
   about half of them naming something absent, in "Where are p1, p2, p3 in this image?" ->
-  "Sure, p1: a red circle at top left, p2: none, p3: a blue square at middle right and a blue circle at
-  bottom left." (ALL the objects the phrase names, left to right, each as in the caption, joined by
-  " and "; "none" when it names nothing). The answer's ``{phrase}:`` is where GSVA later reads a
-  ``[SEG]`` prompt, so the hidden state there is trained to know what and where the phrase's objects are.
+  "Sure, p1: top left red circle, p2: none, p3: middle right blue square and bottom left blue circle."
+  (ALL the objects the phrase names, left to right, each as in the caption, joined by " and "; "none"
+  when it names nothing). The answer's ``{phrase}:`` is where GSVA later reads a ``[SEG]`` prompt, and
+  the token it predicts is the first object's row (or "none"): the hidden state there must find the
+  phrase's object in the image, not only say that the answer starts. (A first grammar, "p1: a red circle
+  at top left", let that state predict "a" for every present phrase; its LLaVA base located nothing.)
 
 Positions are a 5 x 5 grid of the image by box centre: rows ``ROWS`` (top .. bottom), columns
 ``COLUMNS`` (far left .. far right), written "{row} {column}".
@@ -63,8 +65,8 @@ def left_to_right(objects: list[DescribedObject]) -> list[DescribedObject]:
 
 
 def described(obj: DescribedObject, width: int, height: int) -> str:
-    """"a {color} {shape} at {position}"."""
-    return f"a {obj.color} {obj.shape} at {position(obj, width, height)}"
+    """"{row} {column} {color} {shape}": the position first (see the module docstring)."""
+    return f"{position(obj, width, height)} {obj.color} {obj.shape}"
 
 
 def caption(objects: list[DescribedObject], width: int, height: int) -> tuple[str, str]:

@@ -22,6 +22,14 @@ fresh random init).
 Shapes-GRES template: mean IoU over the target expressions (a rejected target scores 0) and, for the
 no-target ones, the share correctly rejected (``N-acc`` per template).
 
+``bases``: what a LLaVA base (or any checkpoint's MLLM half) knows, on val images. ``image_tokens``: the
+CLIP feature and the projected image token at each object's main patch, read out linearly (least squares
+on half the objects, accuracy on the other half) into the object's row and column on the description
+grammar's 5 x 5 grid, its shape and its colour. ``after_phrase``: teacher-forced on "where are ..."
+questions (pipeline.prepare.formats.shapes_describe), the accuracy of the token predicted at each
+``{phrase}:`` - the first object's row, or "none" - i.e. whether the state GSVA will read a ``[SEG]``
+prompt from finds the phrase's object.
+
 ``oracle``: the preset's SAM (image encoder, prompt encoder, mask decoder: built as in training) trained
 alone, its sparse prompt a bag-of-words embedding of the expression instead of the LLM's ``[SEG]`` hidden
 state; same samples, loss, optimiser and schedule as the train job. It shows how fast the mask side
@@ -297,6 +305,94 @@ def oracle(args) -> dict:
             "history": history, "images": args.images, "iou_by_template": per_template(by_template)}
 
 
+def linear_readout(x: np.ndarray, labels: list[str]) -> dict:
+    """Accuracy of a least-squares one-vs-all linear classifier fitted on the first half, tested on the second."""
+    half = len(labels) // 2
+    x = (x - x[:half].mean(0)) / (x[:half].std(0) + 1e-6)
+    x = np.concatenate([x, np.ones((len(x), 1))], 1)
+    classes = sorted(set(labels))
+    y = np.array([classes.index(v) for v in labels])
+    weights = np.linalg.lstsq(x[:half], np.eye(len(classes))[y[:half]], rcond=1e-3)[0]
+    return {"accuracy": round(float((np.argmax(x[half:] @ weights, 1) == y[half:]).mean()), 3),
+            "chance": round(1 / len(classes), 3), "n_test": int(len(y) - half)}
+
+
+def image_token_readout(model, rows: list[dict], objects) -> dict:
+    """``image_tokens`` of ``bases`` (see the module docstring)."""
+    from gsva.transforms import clip_input
+    from gsva.vision_pretraining import crop_masks, patch_features
+    from pipeline.prepare.formats.shapes_describe import ROWS, from_annotation, position
+    from pipeline.train.objects import object_masks
+
+    cfg = model.cfg.vision
+    grid = cfg.image_size // cfg.patch_size
+    feats: dict[str, list[np.ndarray]] = {"clip_feature": [], "projected_token": []}
+    labels: dict[str, list[str]] = {"row": [], "column": [], "shape": [], "colour": []}
+    for r in rows:
+        image, objs = r["pixels"], objects.get(str(r["image_id"]), [])
+        pixels = clip_input(image, cfg)[None]
+        with torch.no_grad():
+            clip, projected = patch_features(model, pixels)[0], model.encode_clip(pixels)[0]
+        masks = object_masks(objs, image.shape[0], image.shape[1], keep_empty=True)
+        for obj, cover in zip(objs, crop_masks(masks, cfg)):
+            if cover.sum() < 4:
+                continue  # outside CLIP's centre crop
+            main = int(cover.reshape(grid, cfg.patch_size, grid, cfg.patch_size).mean((1, 3)).argmax())
+            where = position(from_annotation(obj.category, obj.attributes.get("color"), list(obj.bbox)),
+                             image.shape[1], image.shape[0])
+            row = next(w for w in ROWS if where.startswith(w + " "))
+            feats["clip_feature"].append(clip[main].float().numpy())
+            feats["projected_token"].append(projected[main].float().numpy())
+            for key, value in (("row", row), ("column", where[len(row) + 1:]), ("shape", obj.category),
+                               ("colour", obj.attributes.get("color"))):
+                labels[key].append(value)
+    return {name: {key: linear_readout(np.stack(x), y) for key, y in labels.items()} for name, x in feats.items()}
+
+
+def after_phrase_accuracy(model, tokenizer, rows: list[dict], objects, k: int) -> dict:
+    """``after_phrase`` of ``bases`` (see the module docstring)."""
+    from gsva.alignment import TextSample, answer_logits, make_text_batch
+    from pipeline.prepare.formats.shapes_describe import ABSENT, from_annotation, where_question
+
+    colon = tokenizer.encode(":", add_bos=False)[0][-1]
+    counts = {"present": [0, 0], "absent": [0, 0]}
+    for start in range(0, len(rows), 8):
+        samples = []
+        for r in rows[start:start + 8]:
+            objs = [from_annotation(o.category, o.attributes.get("color"), list(o.bbox))
+                    for o in objects.get(str(r["image_id"]), [])]
+            if objs:
+                image = r["pixels"]
+                samples.append(TextSample(image, *where_question(objs, image.shape[1], image.shape[0], k,
+                                                                 random.Random(f"val/{r['image_id']}"))))
+        batch = make_text_batch(samples, tokenizer, model.cfg, model.token_ids)
+        with torch.no_grad():
+            predicted = answer_logits(model, batch)[:, :-1].argmax(-1)
+        labels, inputs = batch.labels[:, 1:], batch.input_ids[:, :-1]
+        # the answer's colons: every labelled position after a ':' except the first (the ASSISTANT's)
+        for row in range(len(samples)):
+            spots = [int(i) for i in torch.nonzero((inputs[row] == colon) & (labels[row] != prompts.IGNORE_INDEX))]
+            for i in spots[1:]:
+                kind = "absent" if tokenizer.decode([int(labels[row, i])]).strip() == ABSENT else "present"
+                counts[kind][0] += int(predicted[row, i] == labels[row, i])
+                counts[kind][1] += 1
+    return {kind: {"accuracy": round(hit / max(n, 1), 3), "n": n} for kind, (hit, n) in counts.items()}
+
+
+def bases(args) -> dict:
+    from gsva.checkpoint import load_model
+    from pipeline.train.objects import load_objects
+
+    model, tokenizer, _ = load_model(args.checkpoint)
+    model.eval()
+    objects, _ = load_objects(args.objects)
+    rows = load_split(args.data, "val", args.images)
+    return {"checkpoint": args.checkpoint, "images": len(rows),
+            "image_tokens": image_token_readout(model, rows, objects),
+            "after_phrase": after_phrase_accuracy(model, tokenizer, rows, objects,
+                                                  model.cfg.max_expressions_per_prompt)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="probe", required=True)
@@ -307,19 +403,23 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--steps", type=int, default=600)
     o.add_argument("--lr", type=float, default=3e-4)
     o.add_argument("--batch-size", type=int, default=8)
+    b = sub.add_parser("bases")
+    b.add_argument("--checkpoint", default=str(REPO / "checkpoints" / "shapes-llava-base"))
+    b.add_argument("--objects", required=True, help="the dataset's COCO instances.json")
     t = sub.add_parser("templates")
     t.add_argument("--predictions", required=True, help="the annotate job's predictions folder")
     t.add_argument("--split", default="test")
-    for p in (d, o, t):
+    for p in (d, o, b, t):
         p.add_argument("--data", required=True, help="Shapes-GRES task shards (jobs.prepare --format shapes)")
         p.add_argument("--images", type=int, default=150, help="val images scored")
         p.add_argument("--threads", type=int, default=2)
         p.add_argument("--out", help="JSON file for the result")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    result = {"diagnose": diagnose, "oracle": oracle, "templates": templates}[args.probe](args)
-    shown = ("pairwise_iou_between_expressions", "prompt_content", "scales", "no_target_rejected_by_template")
-    print(json.dumps(result["iou_by_template"] | {k: v for k, v in result.items() if k in shown}, indent=1))
+    result = {"diagnose": diagnose, "oracle": oracle, "bases": bases, "templates": templates}[args.probe](args)
+    shown = ("pairwise_iou_between_expressions", "prompt_content", "scales", "no_target_rejected_by_template",
+             "image_tokens", "after_phrase")
+    print(json.dumps(result.get("iou_by_template", {}) | {k: v for k, v in result.items() if k in shown}, indent=1))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))

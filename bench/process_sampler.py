@@ -52,9 +52,18 @@ class ProcessTreeCPU:
         return total, marked
 
 
+def private_mb(p: psutil.Process) -> tuple[float, float]:
+    """(RSS, private RSS) in MB. Private = RSS less shared pages (Linux: file-backed and shared memory): a Ray
+    worker reading objects zero-copy from the object store (/dev/shm) counts those pages in its RSS, although
+    they are the store's, mapped once per machine."""
+    info = p.memory_info()
+    return info.rss / 2**20, (info.rss - getattr(info, "shared", 0)) / 2**20
+
+
 class RSSSampler:
     """Every `interval_s`: the driver's RSS, the RSS of each process whose title contains one of `markers`
-    (by marker), and the largest other Ray worker; `samples` is the time series, `peaks` the maxima."""
+    (by marker), and the largest other Ray worker (by RSS, and by private RSS: `private_mb`); `samples` is the
+    time series, `peaks` the maxima."""
 
     def __init__(self, markers: dict[str, str], interval_s: float = 5.0):
         self.markers, self.interval_s = markers, interval_s
@@ -65,13 +74,15 @@ class RSSSampler:
 
     def _sample(self) -> dict:
         me = psutil.Process()
-        row: dict = {"t_s": round(time.monotonic() - self._t0, 1), "driver_mb": me.memory_info().rss / 2**20}
+        driver, driver_private = private_mb(me)
+        row: dict = {"t_s": round(time.monotonic() - self._t0, 1), "driver_mb": round(driver, 1),
+                     "driver_private_mb": round(driver_private, 1)}
         for name in self.markers:
             row[name] = []
-        other = 0.0
+        other = other_private = 0.0
         for p in me.children(recursive=True):
             try:
-                rss = p.memory_info().rss / 2**20
+                rss, private = private_mb(p)
             except psutil.Error:
                 continue
             text = title(p)
@@ -79,9 +90,9 @@ class RSSSampler:
             if hit:
                 row[hit].append(round(rss, 1))
             elif text.startswith("ray::"):
-                other = max(other, rss)
+                other, other_private = max(other, rss), max(other_private, private)
         row["largest_other_worker_mb"] = round(other, 1)
-        row["driver_mb"] = round(row["driver_mb"], 1)
+        row["largest_other_worker_private_mb"] = round(other_private, 1)
         return row
 
     def _run(self) -> None:
@@ -101,8 +112,8 @@ class RSSSampler:
         self.samples.append(self._sample())
 
     def peaks(self) -> dict:
-        out = {"driver_mb": max(s["driver_mb"] for s in self.samples),
-               "largest_other_worker_mb": max(s["largest_other_worker_mb"] for s in self.samples)}
+        out = {key: max(s[key] for s in self.samples) for key in (
+            "driver_mb", "driver_private_mb", "largest_other_worker_mb", "largest_other_worker_private_mb")}
         for name in self.markers:
             out[name] = max((max(s[name]) for s in self.samples if s[name]), default=0.0)
         return out

@@ -22,6 +22,7 @@ import argparse
 import io
 import json
 import math
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -46,6 +47,7 @@ SHARDS = 8
 COLOURS = ((220, 40, 40), (40, 170, 60), (40, 80, 220), (230, 200, 40))
 NOISE_SIGMA = 6
 REPORT_IMAGES = 200  # rendered: the data of the example report
+GENERATED = "_generated.json"  # what a --data folder holds: expressions, seed, images
 RESULT = Path(__file__).resolve().parent / "results" / "score.json"
 REPORT = Path(__file__).resolve().parent / "results" / "score_report"
 
@@ -117,6 +119,32 @@ def write(tasks: list[dict], preds: list[dict], root: Path) -> None:
             pq.write_table(pa.Table.from_pylist(rows[s::SHARDS], schema=schema), root / side / f"{s:03d}.parquet")
 
 
+def _generate_into(data: Path, expressions: int, seed: int) -> None:
+    """Generate and write the benchmark's files under `data` (full/ and warm/, the rendered report subset)."""
+    tasks, preds, scenes = generate(expressions // EXPRESSIONS_PER_IMAGE, seed)
+    write(tasks, preds, data / "full")
+    rng = np.random.default_rng(seed)
+    shown = [dict(t, image=render(t, scene, rng)) for t, scene in zip(tasks[:REPORT_IMAGES], scenes)]
+    ids = {t["image_id"] for t in shown}
+    write(shown, [p for p in preds if p["image_id"] in ids], data / "warm")
+    (data / GENERATED).write_text(json.dumps({"expressions": expressions, "seed": seed, "images": len(tasks)}))
+
+
+def prepare_data(data: Path, expressions: int, seed: int) -> int:
+    """The benchmark's files under `data`, generated in a child process (so the measured driver never holds
+    the generated rows) unless a previous run left them there for the same size and seed; returns the image
+    count."""
+    marker = data / GENERATED
+    wanted = {"expressions": expressions, "seed": seed}
+    if not (marker.exists() and {k: json.loads(marker.read_text())[k] for k in wanted} == wanted):
+        child = multiprocessing.get_context("spawn").Process(target=_generate_into, args=(data, expressions, seed))
+        child.start()
+        child.join()
+        if child.exitcode:
+            raise RuntimeError(f"generating the benchmark data failed (exit {child.exitcode})")
+    return json.loads(marker.read_text())["images"]
+
+
 def loop_baseline(root: Path, protocol: str) -> dict:
     """The straightforward scorer, reading the same files."""
     gt = pq.read_table(root / "gt", columns=["split", "dataset", "expressions"]).to_pylist()
@@ -143,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(RESULT))
     p.add_argument("--report", default=str(REPORT), help="where the example report goes ('' for none)")
+    p.add_argument("--data", default="",
+                   help="folder for the generated data, reused by later runs of the same size and seed "
+                        "(default: a temporary folder)")
     p.add_argument("--no-loop", action="store_true",
                    help="skip the per-expression loop (and the identity check): scale runs time the scorer only")
     args = p.parse_args(argv)
@@ -154,15 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.score.graph import ScoreConfig, score
 
     with tempfile.TemporaryDirectory(prefix="score-bench-") as tmp:
-        root, warm = Path(tmp) / "full", Path(tmp) / "warm"
+        data = Path(args.data) if args.data else Path(tmp)
         t = time.perf_counter()
-        tasks, preds, scenes = generate(args.expressions // EXPRESSIONS_PER_IMAGE, args.seed)
-        write(tasks, preds, root)
-        rng = np.random.default_rng(args.seed)
-        shown = [dict(t, image=render(t, scene, rng)) for t, scene in zip(tasks[:REPORT_IMAGES], scenes)]
-        ids = {t["image_id"] for t in shown}
-        write(shown, [p for p in preds if p["image_id"] in ids], warm)
+        images = prepare_data(data, args.expressions, args.seed)
         gen_s = time.perf_counter() - t
+        root, warm = data / "full", data / "warm"
 
         t = time.perf_counter()
         ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
@@ -191,13 +218,16 @@ def main(argv: list[str] | None = None) -> int:
         differ += [f"{name}:{k}" for k in same(stats.metrics(), reference[name])] if reference else []
     ratio = loop_s / ours_s if reference else float("nan")
     record = {
-        "expressions": ours["count"], "images": len(tasks), "protocol": args.protocol, "num_cpus": args.num_cpus,
+        "expressions": ours["count"], "images": images, "protocol": args.protocol, "num_cpus": args.num_cpus,
         "ours_s": round(ours_s, 3), "loop_s": round(loop_s, 3), "speedup": round(ratio, 2),
         "identical": not differ if reference else None, "ray_init_s": round(init_s, 2),
         "first_run_s": round(warm_s, 2),
         "generate_s": round(gen_s, 2), "load_average_1min": round(os.getloadavg()[0], 2), "metrics": ours,
         "peak_rss_mb": {"driver": memory.peaks()["driver_mb"], "largest_ray_worker": memory.peaks()[
             "largest_other_worker_mb"]},
+        # RSS less shared pages (the object store's, mapped by every worker that reads a block zero-copy)
+        "peak_private_rss_mb": {"driver": memory.peaks()["driver_private_mb"],
+                                "largest_ray_worker": memory.peaks()["largest_other_worker_private_mb"]},
     }
     line = (f"| {ours['count']:,} expressions ({args.protocol}) | ours {ours_s:.2f} s | per-expression dense loop "
             f"{loop_s:.2f} s | **{ratio:.1f}x** (first run, Ray workers starting: {warm_s:.1f} s = "

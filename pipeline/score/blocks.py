@@ -182,8 +182,7 @@ def _inputs(gt: pa.Table, gt_mask: Masks, pred: pa.Table,
     wrong_forced = forced.invalid | forced.usable() & (
         (forced.height != gt_mask.height) | (forced.width != gt_mask.width))
     counts.bad_forced_masks = int((wrong_forced & status_ok).sum())
-    for k in np.flatnonzero(wrong_forced):
-        forced.counts[k] = None
+    forced.drop(np.flatnonzero(wrong_forced))
     counts.scored = gt.num_rows
     inputs = metrics.ExpressionInputs(
         no_target=pc.fill_null(gt.column("no_target"), False).to_numpy(zero_copy_only=False).astype(bool),

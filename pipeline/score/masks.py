@@ -1,11 +1,12 @@
 """Masks of one block as pycocotools reads them, and the few batch operations scoring needs on them.
 
 Built straight from the Arrow RLE struct column (counts as bytes, sizes as numpy): no Python dict per row
-until pycocotools is called, and no mask is ever decoded to a dense array. Every RLE is validated once, here,
-on read (`pipeline.masks.rle_problems`): an unusable one (size not [h, w] or negative, counts that are not
-valid COCO RLE or do not add up to h*w) becomes "no mask" and is marked in `invalid`, so pycocotools never
-sees it (it would loop or write past the mask). `intersections` computes the same
-numbers as `pipeline.masks.intersection_union` (pycocotools merge + area), without its per-call conversions.
+until pycocotools is called, and no mask is ever decoded to a dense array. Every RLE is parsed once, here, on
+read (`pipeline.rle_counts.check_counts`), which validates it and measures its area in the same pass: an
+unusable one (size not [h, w] or negative, counts that are not valid COCO RLE or do not add up to h*w)
+becomes "no mask" and is marked in `invalid`, so pycocotools never sees it (it would loop or write past the
+mask). `intersections` computes the same numbers as `pipeline.masks.intersection_union` (pycocotools merge +
+area), without its per-call conversions.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pycocotools import mask as mask_utils
 
-from pipeline.masks import RLE, rle_problems
+from pipeline.masks import RLE
+from pipeline.rle_counts import check_counts
 from pipeline.schemas import RLE_TYPE
 
 BOXES_TYPE = pa.list_(pa.list_(pa.float64()))  # gt_boxes: per target [x, y, w, h]
@@ -31,6 +33,7 @@ class Masks:
     counts: list[bytes | None]
     height: np.ndarray  # (N,) int64, 0 where no mask
     width: np.ndarray
+    area: np.ndarray  # (N,) int64 pixels set (pycocotools' area), 0 where no mask
     invalid: np.ndarray | None = None  # (N,) bool: a mask was given but is unusable (now counts None)
 
     def __len__(self) -> int:
@@ -51,11 +54,12 @@ class Masks:
             flat = pc.list_flatten(pc.filter(size, pa.array(has_size)))
             hw[has_size] = pc.fill_null(flat, -1).to_numpy(zero_copy_only=False).reshape(-1, 2)
         binary = counts.cast(pa.binary())
-        problems = rle_problems(binary, hw[:, 0], hw[:, 1])  # from the Arrow buffers: no per-mask objects
-        usable = has_size & np.array([p is None for p in problems], dtype=bool)
+        check = check_counts(binary, hw[:, 0], hw[:, 1])  # from the Arrow buffers: no per-mask objects
+        usable = has_size & np.array([p is None for p in check.problems], dtype=bool)
         data = binary.to_pylist()
         hw[~usable] = 0
-        return cls([d if ok else None for d, ok in zip(data, usable)], hw[:, 0], hw[:, 1], valid & ~usable)
+        return cls([d if ok else None for d, ok in zip(data, usable)], hw[:, 0], hw[:, 1],
+                   np.where(usable, check.area, 0), valid & ~usable)
 
     @classmethod
     def from_rles(cls, rles: Sequence[RLE | None]) -> Masks:
@@ -69,7 +73,14 @@ class Masks:
     def take(self, rows: np.ndarray) -> Masks:
         """The masks at `rows` (already validated: no second check)."""
         rows = np.asarray(rows, np.int64)
-        return Masks([self.counts[k] for k in rows], self.height[rows], self.width[rows], self.invalid[rows])
+        return Masks([self.counts[k] for k in rows], self.height[rows], self.width[rows], self.area[rows],
+                     self.invalid[rows])
+
+    def drop(self, rows: np.ndarray) -> None:
+        """Make the masks at `rows` "no mask" (in place)."""
+        for k in rows:
+            self.counts[k] = None
+        self.area[rows] = 0
 
     def usable(self) -> np.ndarray:
         """(N,) bool: a valid mask is present."""
@@ -79,9 +90,8 @@ class Masks:
         return {"size": self._sizes[i], "counts": self.counts[i]}
 
     def areas(self, rows: np.ndarray) -> np.ndarray:
-        """Areas of the masks at `rows`. One call per mask: pycocotools' list form fails on long lists under
-        numpy 2 ("Python integer 100000 out of bounds for uint8")."""
-        return np.array([mask_utils.area(self.coco(k)) for k in rows], dtype=np.int64)
+        """Areas of the masks at `rows` (measured on read, as pycocotools' `area` counts them)."""
+        return self.area[np.asarray(rows, np.int64)]
 
     def bboxes(self, rows: np.ndarray) -> np.ndarray:
         """(len(rows), 4) tight boxes [x, y, w, h] (pycocotools toBbox, one call)."""

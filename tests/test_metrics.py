@@ -13,7 +13,7 @@ import pytest
 
 from pipeline import masks
 from pipeline.prepare.formats import shapes
-from pipeline.schemas import PREDICTION_SCHEMA, TASK_SCHEMA
+from pipeline.schemas import PREDICTION_SCHEMA, RLE_TYPE, TASK_SCHEMA
 from pipeline.score import blocks as metrics_blocks
 from pipeline.score import graph as scoring
 from pipeline.score import masks as metrics_masks
@@ -155,6 +155,25 @@ def test_mask_helpers_match_pycocotools_one_by_one():
     assert (area_a + area_b - inter == union).all()
     assert ma.bboxes(rows).tolist() == [masks.to_bbox(r) for r in a[:-1]]
     assert ma.counts[-1] is None and ma.height[-1] == 0
+
+
+def test_masks_same_as_takes_only_equal_usable_rles():
+    """A forced mask read `same_as` the output mask takes its verdict only where both RLEs are equal and that
+    one is usable: every field is as if it had been parsed on its own."""
+    e = masks.empty(5, 7)
+    box = masks.encode(np.pad(np.ones((2, 3), bool), ((1, 2), (2, 2))))
+    output = [box, e, e, {"size": [5, 7], "counts": "0"}, None, box, box]
+    forced = [box, {"size": [7, 5], "counts": e["counts"]}, {"size": [6, 7], "counts": e["counts"]},
+              {"size": [5, 7], "counts": "0"}, box, None, e]
+    out = metrics_masks.Masks.from_rles(output)
+    alone = metrics_masks.Masks.from_rles(forced)
+    reused = metrics_masks.Masks.from_arrow(pa.array(forced, type=RLE_TYPE),
+                                            same_as=(pa.array(output, type=RLE_TYPE), out))
+    for name in ("counts", "height", "width", "area", "invalid"):
+        assert np.asarray(getattr(reused, name)).tolist() == np.asarray(getattr(alone, name)).tolist(), name
+    assert reused.counts[0] is out.counts[0]  # the same object, not a second copy
+    assert alone.invalid.tolist() == [False, False, True, True, False, False, False]
+    assert alone.area.tolist() == [6, 0, 0, 0, 6, 0, 0]
 
 
 def test_box_iou_and_hist():

@@ -38,6 +38,10 @@ KEYED_SCHEMA = pa.schema([
     ("rejected", pa.bool_()), ("mask", RLE_TYPE), ("forced_mask", RLE_TYPE), ("status", pa.string()),
     ("model", pa.string()), ("mode", pa.string()),
 ])
+#: Columns of a bucket's rows read after the join, by side.
+GT_SCORED = ["dataset", "expression_id", "image_id", "split", "text", "no_target", "gt_mask", "gt_boxes", "rank",
+             "source"]
+PREDICTION_SCORED = ["side", "status", "rejected", "mask", "forced_mask"]
 PARTIAL_SCHEMA = pa.schema([("kind", pa.string()), ("group", pa.string()), ("payload", pa.string())])
 
 
@@ -170,7 +174,7 @@ def _inputs(gt: pa.Table, gt_mask: Masks, pred: pa.Table,
     """ExpressionInputs of aligned ground-truth / prediction rows (a null prediction row = missing), why each
     failed row failed ("missing", "error", "bad mask"), and which prediction masks are usable."""
     mask = Masks.from_arrow(pred.column("mask"))
-    forced = Masks.from_arrow(pred.column("forced_mask"))
+    forced = Masks.from_arrow(pred.column("forced_mask"), same_as=(pred.column("mask"), mask))
     missing = pc.is_null(pred.column("side")).to_numpy(zero_copy_only=False)
     status_ok = pc.fill_null(pc.equal(pred.column("status"), STATUS_OK), False).to_numpy(zero_copy_only=False)
     same_size = (mask.height == gt_mask.height) & (mask.width == gt_mask.width)
@@ -197,19 +201,24 @@ def score_bucket(batch: pa.Table, protocol: str, by: tuple[str, ...], per_kind: 
                  by_dataset: bool = True) -> pa.Table:
     """All rows of one key bucket -> PARTIAL_SCHEMA rows: a ScoreStats per group, InputCounts, CaseBook."""
     side = batch.column("side")
-    gt_rows = batch.filter(pc.equal(side, "gt"))
-    pr_rows = batch.filter(pc.equal(side, "pred"))
-    gt_mask = Masks.from_arrow(gt_rows.column("gt_mask"))  # validated once; an invalid one is not scored
-    labelled = pc.is_valid(gt_rows.column("no_target")).to_numpy(zero_copy_only=False) & gt_mask.usable()
-    gt = {**gt_rows.select(["dataset", "expression_id"]).to_pydict(), "labelled": labelled.tolist()}
-    pr = pr_rows.select(["dataset", "expression_id", "status"]).to_pydict()
-    counts = InputCounts(predictions_read=pr_rows.num_rows, ground_truth_expressions=gt_rows.num_rows,
+    gt_at = np.flatnonzero(pc.equal(side, "gt").to_numpy(zero_copy_only=False))
+    pr_at = np.flatnonzero(pc.equal(side, "pred").to_numpy(zero_copy_only=False))
+    gt_keys = batch.select(["dataset", "expression_id", "no_target", "gt_mask"]).take(gt_at)
+    pr_keys = batch.select(["dataset", "expression_id", "status", "model", "mode"]).take(pr_at)
+    gt_mask = Masks.from_arrow(gt_keys.column("gt_mask"))  # validated once; an invalid one is not scored
+    labelled = pc.is_valid(gt_keys.column("no_target")).to_numpy(zero_copy_only=False) & gt_mask.usable()
+    gt = {**gt_keys.select(["dataset", "expression_id"]).to_pydict(), "labelled": labelled.tolist()}
+    pr = pr_keys.select(["dataset", "expression_id", "status"]).to_pydict()
+    counts = InputCounts(predictions_read=len(pr_at), ground_truth_expressions=len(gt_at),
                          bad_gt_masks=int(gt_mask.invalid.sum()),
-                         models=sorted(set(pr_rows.column("model").to_pylist()) - {None}),
-                         modes=sorted(set(pr_rows.column("mode").to_pylist()) - {None}))
+                         models=sorted(set(pr_keys.column("model").to_pylist()) - {None}),
+                         modes=sorted(set(pr_keys.column("mode").to_pylist()) - {None}))
+    del gt_keys, pr_keys
     idx, match = _match(gt, pr, counts, by_dataset)
-    gt_rows = gt_rows.take(pa.array(idx, pa.int64()))
-    pred = pr_rows.take(pa.array(match, pa.int64()))  # null rows where missing
+    # One take per side, of the columns scoring and the case book read (null rows where a prediction is missing).
+    gt_rows = batch.select(GT_SCORED).take(pa.array(gt_at[idx], pa.int64()))
+    pred = batch.select(PREDICTION_SCORED).take(
+        pa.array([None if j is None else int(pr_at[j]) for j in match], pa.int64()))
     inputs, reason, mask_ok = _inputs(gt_rows, gt_mask.take(idx), pred, counts)
     scores = metrics.score_expressions(inputs, protocol)
 

@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.process_sampler import RSSSampler  # noqa: E402
+from bench.process_sampler import ProcessTreeCPU, RSSSampler  # noqa: E402
 from pipeline import masks  # noqa: E402
 from pipeline.prepare.formats import shapes  # noqa: E402
 from pipeline.schemas import PREDICTION_SCHEMA, TASK_SCHEMA  # noqa: E402
@@ -200,9 +200,13 @@ def main(argv: list[str] | None = None) -> int:
         warm_s = time.perf_counter() - t
 
         t = time.perf_counter()
+        load_before = os.getloadavg()[0]
+        cpu = ProcessTreeCPU("ray::")  # CPU seconds of the measured run: a figure the machine's load leaves alone
+        cpu.begin()
         with RSSSampler({}, interval_s=0.5) as memory:  # the measured run's driver and Ray workers
             result = score(ScoreConfig(str(root / "pred"), str(root / "gt"), protocol=args.protocol))
         ours_s = time.perf_counter() - t
+        cpu_total_s, cpu_workers_s = cpu.end()
         if args.report:
             score_job.main(["--predictions", str(warm / "pred"), "--ground-truth", str(warm / "gt"),
                             "--out", args.report, "--protocol", args.protocol])
@@ -222,24 +226,27 @@ def main(argv: list[str] | None = None) -> int:
         "ours_s": round(ours_s, 3), "loop_s": round(loop_s, 3), "speedup": round(ratio, 2),
         "identical": not differ if reference else None, "ray_init_s": round(init_s, 2),
         "first_run_s": round(warm_s, 2),
-        "generate_s": round(gen_s, 2), "load_average_1min": round(os.getloadavg()[0], 2), "metrics": ours,
+        "cpu_s": {"total": round(cpu_total_s, 2), "ray_workers": round(cpu_workers_s, 2)},
+        "generate_s": round(gen_s, 2), "load_average_1min": round(os.getloadavg()[0], 2),
+        "load_average_1min_before": round(load_before, 2), "metrics": ours,
         "peak_rss_mb": {"driver": memory.peaks()["driver_mb"], "largest_ray_worker": memory.peaks()[
             "largest_other_worker_mb"]},
         # RSS less shared pages (the object store's, mapped by every worker that reads a block zero-copy)
         "peak_private_rss_mb": {"driver": memory.peaks()["driver_private_mb"],
                                 "largest_ray_worker": memory.peaks()["largest_other_worker_private_mb"]},
     }
+    rss, private = record["peak_rss_mb"], record["peak_private_rss_mb"]
+    memory_text = (f"peak RSS: driver {rss['driver']:.0f} MB, largest Ray worker {rss['largest_ray_worker']:.0f} MB "
+                   f"(private {private['largest_ray_worker']:.0f} MB) | CPU {cpu_total_s:.1f} s "
+                   f"(Ray workers {cpu_workers_s:.1f} s) | {args.num_cpus} CPUs | load {load_before:.1f} -> "
+                   f"{os.getloadavg()[0]:.1f}")
     line = (f"| {ours['count']:,} expressions ({args.protocol}) | ours {ours_s:.2f} s | per-expression dense loop "
             f"{loop_s:.2f} s | **{ratio:.1f}x** (first run, Ray workers starting: {warm_s:.1f} s = "
-            f"{loop_s / warm_s:.1f}x) "
-            f"| peak RSS: driver {record['peak_rss_mb']['driver']:.0f} MB, largest Ray worker "
-            f"{record['peak_rss_mb']['largest_ray_worker']:.0f} MB | load {os.getloadavg()[0]:.1f} "
+            f"{loop_s / warm_s:.1f}x) | {memory_text} "
             f"| identical: {'yes' if not differ else 'NO ' + ', '.join(differ)} |")
     if reference is None:
         line = (f"| {ours['count']:,} expressions ({args.protocol}) | ours {ours_s:.2f} s (first run, Ray workers "
-                f"starting: {warm_s:.1f} s) | peak RSS: driver {record['peak_rss_mb']['driver']:.0f} MB, largest "
-                f"Ray worker {record['peak_rss_mb']['largest_ray_worker']:.0f} MB | {args.num_cpus} CPUs | load "
-                f"{os.getloadavg()[0]:.1f} | no loop baseline run |")
+                f"starting: {warm_s:.1f} s) | {memory_text} | no loop baseline run |")
     record["markdown"] = line
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")

@@ -35,7 +35,7 @@ from pipeline.score.cases import CaseBook
 from pipeline.storage import StorageError, StorageOptions, describe_error, filesystem
 
 GROUP_COLUMNS = ("split", "dataset")
-BUCKET_PARQUET_BYTES = 16 * 2**20  # prediction Parquet per join bucket at most (~100k expressions)
+BUCKET_PARQUET_BYTES = 8 * 2**20  # prediction Parquet per join bucket at most (~75k Shapes-GRES expressions)
 MIN_BUCKET_PARQUET_BYTES = 2**20  # ... and at least, unless the whole input is smaller
 FOOTER_THREADS = 16  # footers of many prediction files on S3: latency-bound
 GT_SCHEMA = pa.schema([TASK_SCHEMA.field(c) for c in GT_COLUMNS])
@@ -184,7 +184,7 @@ def reduce_partials(rows) -> ScoreResult:
 
 def default_partitions(cfg: ScoreConfig) -> int:
     """Buckets of the join (and read blocks per side), from the prediction Parquet's size: one bucket (held in
-    one task's memory) per BUCKET_PARQUET_BYTES (~100k expressions), spread over up to twice the cluster's
+    one task's memory) per BUCKET_PARQUET_BYTES (~75k expressions), spread over up to twice the cluster's
     CPUs while buckets stay above MIN_BUCKET_PARQUET_BYTES (tiny inputs: one bucket, few tasks)."""
     import ray
 

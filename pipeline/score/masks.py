@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import pyarrow as pa
@@ -86,7 +87,6 @@ class Masks:
         return cls.from_arrow(pa.array(list(rles), type=RLE_TYPE))
 
     def __post_init__(self) -> None:
-        self._sizes = list(zip(self.height.tolist(), self.width.tolist()))  # plain ints for pycocotools
         if self.invalid is None:
             self.invalid = np.zeros(len(self.counts), bool)
 
@@ -106,8 +106,13 @@ class Masks:
         """(N,) bool: a valid mask is present."""
         return np.array([c is not None for c in self.counts], dtype=bool)
 
+    @cached_property
+    def sizes(self) -> list[tuple[int, int]]:
+        """(h, w) per mask as plain ints, as pycocotools takes them (built once, when first needed)."""
+        return list(zip(self.height.tolist(), self.width.tolist()))
+
     def coco(self, i: int) -> dict:
-        return {"size": self._sizes[i], "counts": self.counts[i]}
+        return {"size": self.sizes[i], "counts": self.counts[i]}
 
     def areas(self, rows: np.ndarray) -> np.ndarray:
         """Areas of the masks at `rows` (measured on read, as pycocotools' `area` counts them)."""
@@ -124,9 +129,10 @@ def intersections(a: Masks, b: Masks, rows: np.ndarray, a_area: np.ndarray, b_ar
     """|a_k ∩ b_k| for k in rows, on the RLEs (pycocotools merge + area, as `pipeline.masks.intersection_union`);
     a_area / b_area are the masks' areas at those rows (an empty side skips the merge)."""
     out = np.zeros(len(rows), np.int64)
-    for i, k in enumerate(rows):
-        if a_area[i] and b_area[i]:
-            out[i] = mask_utils.area(mask_utils.merge([a.coco(k), b.coco(k)], intersect=True))
+    both = np.flatnonzero((np.asarray(a_area) != 0) & (np.asarray(b_area) != 0))
+    merge, area, sizes, ac, bc = mask_utils.merge, mask_utils.area, a.sizes, a.counts, b.counts
+    out[both] = [area(merge([{"size": sizes[k], "counts": ac[k]}, {"size": sizes[k], "counts": bc[k]}],
+                            intersect=True)) for k in np.asarray(rows, np.int64)[both].tolist()]
     return out
 
 

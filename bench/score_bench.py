@@ -1,17 +1,20 @@
 """Benchmark: the Ray scorer against a straightforward per-expression loop, on Shapes-GRES-sized data.
 
-    python bench/score_bench.py [--expressions 100000] [--protocol rela] [--num-cpus N]
+    python bench/score_bench.py [--expressions 100000] [--protocol rela] [--num-cpus N] [--data DIR]
 
 Generates task shards and predictions in the real Parquet schemas (Shapes-GRES geometry: 96-160 px
 images, circles / squares / triangles of radius 8-18, 45 % single, 35 % multi, 20 % no-target
-expressions; predictions are jittered shapes with rejections, error rows and missing rows), then in one
+expressions; predictions are jittered shapes with rejections, error rows and missing rows) in a child
+process (so the measured driver holds none of them; `--data` keeps them for later runs), then in one
 run times
   - ours: `pipeline.score.graph.score` on a local Ray cluster (Parquet read, join, RLE statistics, reduction),
     the second of two runs on the same data: the first starts Ray's worker processes (its time, start-up
     included, is reported as `first_run_s`);
   - the loop: read both sides with pyarrow, then `tests.metrics_reference.reference_score`, which
     decodes both masks of every expression to numpy and computes the IoU there;
-asserts that both give the same numbers, and writes bench/results/score.json plus a markdown line.
+asserts that both give the same numbers, and writes bench/results/score.json plus a markdown line, with the
+measured run's CPU seconds and the peak RSS and private RSS (RSS less the shared object-store pages) of the
+driver and the largest Ray worker.
 It also writes the example report of the README (`jobs.score` on the first 200 images, rendered as
 Shapes-GRES pictures) to bench/results/score_report/.
 """

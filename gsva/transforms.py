@@ -2,7 +2,8 @@
 
 - SAM: RGB uint8 -> longest side to ``sam.image_size`` (round half up, segment_anything's
   ResizeLongestSide) -> normalise with SAM's mean/std -> zero-pad bottom/right to a square.
-- CLIP: shortest edge to ``vision.image_size`` (bicubic) -> centre crop -> /255 -> CLIP mean/std.
+- CLIP: shortest edge to ``vision.image_size`` (bicubic) -> centre crop -> /255 -> CLIP mean/std; or, with
+  ``vision.aspect == "pad"``, pad to a square with the mean colour first, then resize (LLaVA-1.5).
 - Masks: low-res logits -> bilinear to the SAM input size -> crop to the resized (h', w') ->
   bilinear to the original (H, W); binarise at logit > 0.
 The statistics live in the config, which is saved as the checkpoint's config.json.
@@ -41,18 +42,27 @@ def sam_input(rgb: np.ndarray, cfg: SAMConfig) -> tuple[torch.Tensor, tuple[int,
     return F.pad(x, (0, cfg.image_size - w, 0, cfg.image_size - h)), (h, w)
 
 
-def clip_input(rgb: np.ndarray, cfg: VisionConfig) -> torch.Tensor:
-    """(3, C, C) float32: shortest edge to C (bicubic), centre crop, /255, CLIP mean/std."""
-    size = cfg.image_size
-    height, width = rgb.shape[:2]
+def clip_frame(image: Image.Image, cfg: VisionConfig, resample: int, fill) -> Image.Image:
+    """Any (W, H) PIL image -> the (C, C) view CLIP sees (``cfg.aspect``); images and masks share it."""
+    size, (width, height) = cfg.image_size, image.size
+    if cfg.aspect == "pad":
+        side = max(width, height)
+        canvas = Image.new(image.mode, (side, side), fill)
+        canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+        return canvas.resize((size, size), resample)
     if width <= height:
         new_w, new_h = size, max(size, int(size * height / width))
     else:
         new_w, new_h = max(size, int(size * width / height)), size
-    resized = Image.fromarray(rgb).resize((new_w, new_h), Image.BICUBIC)
     top, left = (new_h - size) // 2, (new_w - size) // 2
-    cropped = np.asarray(resized)[top:top + size, left:left + size]
-    x = torch.from_numpy(cropped.copy()).permute(2, 0, 1).float() / UINT8_MAX
+    return image.resize((new_w, new_h), resample).crop((left, top, left + size, top + size))
+
+
+def clip_input(rgb: np.ndarray, cfg: VisionConfig) -> torch.Tensor:
+    """(3, C, C) float32: the CLIP view (bicubic), /255, CLIP mean/std."""
+    fill = tuple(int(m * UINT8_MAX) for m in cfg.pixel_mean)
+    view = np.asarray(clip_frame(Image.fromarray(rgb), cfg, Image.BICUBIC, fill))
+    x = torch.from_numpy(view.copy()).permute(2, 0, 1).float() / UINT8_MAX
     mean = torch.tensor(cfg.pixel_mean).view(3, 1, 1)
     std = torch.tensor(cfg.pixel_std).view(3, 1, 1)
     return (x - mean) / std

@@ -10,8 +10,8 @@ reads (hidden layer ``feature_layer``, CLS dropped), the class of the object cov
 input). The head is a training device only, like CLIP's text tower after pretraining: the checkpoint
 keeps the vision tower.
 
-Targets follow ``gsva.transforms.clip_input`` exactly (shortest edge to C, centre crop), so a patch's label
-is what that patch shows.
+Targets go through the same geometry as the image (``gsva.transforms.clip_frame``: centre crop or pad), so
+a patch's label is what that patch shows.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from gsva.config import VisionConfig
-from gsva.transforms import clip_input, to_rgb_uint8
+from gsva.transforms import clip_frame, clip_input, to_rgb_uint8
 
 BOX_DIMS = 4  # centre x, centre y, width, height (fractions of the CLIP input)
 MIN_COVER = 1 / 16  # a patch is an object's when that object covers at least this fraction of it
@@ -63,21 +63,11 @@ class DenseHead(nn.Module):
 
 
 def crop_masks(masks: list[np.ndarray], cfg: VisionConfig) -> np.ndarray:
-    """(M, C, C) float coverage of each object in the CLIP input (same resize + centre crop as clip_input)."""
-    size = cfg.image_size
+    """(M, C, C) float coverage of each object in the CLIP input (gsva.transforms.clip_frame, bilinear)."""
     if not masks:
-        return np.zeros((0, size, size), dtype=np.float32)
-    height, width = masks[0].shape
-    if width <= height:
-        new_w, new_h = size, max(size, int(size * height / width))
-    else:
-        new_w, new_h = max(size, int(size * width / height)), size
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    out = []
-    for m in masks:
-        resized = Image.fromarray(m.astype(np.uint8) * 255).resize((new_w, new_h), Image.BILINEAR)
-        out.append(np.asarray(resized, dtype=np.float32)[top:top + size, left:left + size] / 255.0)
-    return np.stack(out)
+        return np.zeros((0, cfg.image_size, cfg.image_size), dtype=np.float32)
+    return np.stack([np.asarray(clip_frame(Image.fromarray(m.astype(np.uint8) * 255), cfg, Image.BILINEAR, 0),
+                                dtype=np.float32) / 255.0 for m in masks])
 
 
 def patch_targets(sample: DenseSample, cfg: VisionConfig) -> tuple[torch.Tensor, torch.Tensor]:

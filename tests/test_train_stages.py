@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 from gsva.checkpoint import combine_bases, load_checkpoint, load_model, save_checkpoint
 from gsva.config import preset
 from gsva.freeze import freeze
+from gsva.transforms import clip_input
 from jobs.prepare import main as prepare_main
 from jobs.train import main as train_main
 from pipeline.prepare.formats.shapes_describe import (
@@ -177,3 +179,27 @@ def test_policies_train_only_their_parts():
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any("multi_modal_projector" in n for n in trained) and any("lm_head" in n for n in trained)
     assert any("embed_tokens" in n for n in trained) and not any("vision_tower" in n or "sam." in n for n in trained)
+
+
+@pytest.mark.parametrize("aspect", ["crop", "pad"])
+def test_clip_views_and_patch_targets_share_one_geometry(aspect):
+    """A wide image: the crop cuts its far-left object off, the pad keeps it; either way the dense
+    targets label exactly the patches where the CLIP view shows the object."""
+    from gsva.vision_pretraining import DenseSample, patch_targets
+
+    vision = replace(preset("tiny").vision, aspect=aspect)  # 32 px, 4 x 4 patches of 8 px
+    image = np.full((40, 120, 3), 200, np.uint8)
+    mask = np.zeros((40, 120), bool)
+    mask[10:30, 2:22] = True
+    image[mask] = (220, 40, 40)
+    view = clip_input(image, vision)
+    red = (view[0] > 1.0) & (view[1] < 0)  # CLIP-normalised red
+    labels, boxes = patch_targets(DenseSample(image, [mask], [7]), vision)
+    shown = red.reshape(4, 8, 4, 8).float().mean((1, 3)).reshape(-1)
+    if aspect == "crop":
+        assert not red.any() and not labels.any()  # cut off by the centre crop
+    else:
+        touched = red.reshape(4, 8, 4, 8).any(3).any(1).reshape(-1)
+        assert red.any() and labels[shown.argmax()] == 7 and not labels[~touched].any()
+        cx = boxes[labels == 7][0, 0]
+        assert 0 < cx < 0.25  # the box says: far left

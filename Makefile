@@ -34,11 +34,11 @@ SHAPES := data/shapes4k/tasks
 RUNS := outputs/shapes-model
 RUN := --data $(SHAPES) --val-data $(SHAPES) --threads-per-worker 1 --report-every 10
 OBJECTS := --objects $(SHAPES)/raw/instances.json
-CLIP_STEPS ?= 3000
+CLIP_STEPS ?= 2000
 SAM_STEPS ?= 1200
 ALIGN_STEPS ?= 300
-LLAVA_STEPS ?= 1500
-GSVA_STEPS ?= 1000
+LLAVA_STEPS ?= 3000
+GSVA_STEPS ?= 1500
 
 shapes-model: $(STAMP)
 	rm -rf $(RUNS)
@@ -54,7 +54,7 @@ shapes-model: $(STAMP)
 	  --max-steps $(ALIGN_STEPS) --checkpoint-every $(ALIGN_STEPS) --val-max-images 50 \
 	  --output $(RUNS)/llava-align --export $(RUNS)/llava-align-export
 	$(PY) -m jobs.train --stage llava --policy mllm $(OBJECTS) --init $(RUNS)/llava-align-export $(RUN) \
-	  --batch-size 8 --max-steps $(LLAVA_STEPS) --checkpoint-every 500 --val-max-images 50 \
+	  --batch-size 8 --lr 5e-4 --warmup-steps 100 --max-steps $(LLAVA_STEPS) --checkpoint-every 1000 --val-max-images 50 \
 	  --output $(RUNS)/llava --export checkpoints/shapes-llava-base --export-dtype float16
 	$(PY) -m jobs.train --sam-base checkpoints/shapes-sam-base --llava-base checkpoints/shapes-llava-base $(RUN) \
 	  --batch-size 8 --max-steps $(GSVA_STEPS) --checkpoint-every 500 --val-max-images 100 \

@@ -24,7 +24,7 @@ from accelerate import init_empty_weights
 from safetensors.torch import load_file, save_file
 
 from gsva.builder import build_model
-from gsva.config import PRESETS, GSVAConfig, LoRAConfig, preset
+from gsva.config import PRESETS, GSVAConfig, LoRAConfig, preset, sam_differences
 from gsva.lora import apply_lora, has_lora, merged_state_dict
 from gsva.meta import CONFIG_FILE, FORMAT, VERSION, WEIGHTS_FILE, check_meta, checkpoint_identity, preset_identity
 from gsva.modeling import FLOAT32_BUFFERS
@@ -196,15 +196,14 @@ SAM_BASE_PREFIX = "sam."
 
 def combine_bases(sam_uri: str, llava_uri: str, storage=None, device: str = "cpu"):
     """-> (model, tokenizer, report): the LLaVA base with every ``sam.*`` weight replaced by the SAM base's.
-    Both must be checkpoints of the same architecture (the config compared without its name); the tokenizer
-    is the LLaVA base's (the one its LLM was trained with)."""
+    Their SAM configs must be equal; everything else (config, weights, tokenizer) is the LLaVA base's, so a
+    SAM base trained once serves LLaVA bases that differ elsewhere (e.g. CLIP's ``aspect``)."""
     model, tokenizer, llava_id = load_checkpoint(llava_uri, storage, device)
     sam_model, _, sam_id = load_checkpoint(sam_uri, storage, device)
-    mine, theirs = model.cfg.to_dict(), sam_model.cfg.to_dict()
-    if {k: v for k, v in mine.items() if k != "name"} != {k: v for k, v in theirs.items() if k != "name"}:
-        differ = sorted(k for k in mine if k != "name" and mine[k] != theirs.get(k))
-        raise ValueError(f"the SAM base {sam_uri} and the LLaVA base {llava_uri} are different architectures "
-                         f"(config parts {differ} differ)")
+    differ = sam_differences(sam_model.cfg, model.cfg)
+    if differ:
+        raise ValueError(f"the SAM base {sam_uri} and the LLaVA base {llava_uri} have different SAM configs "
+                         f"({', '.join(differ)} differ)")
     sam_state = {k: v for k, v in sam_model.state_dict().items() if k.startswith(SAM_BASE_PREFIX)}
     result = model.load_state_dict(sam_state, strict=False)
     if result.unexpected_keys:

@@ -205,6 +205,11 @@ def validate(cfg: GSVAConfig) -> None:
         raise ValueError(f"invalid GSVA config {cfg.name!r}: " + "; ".join(problems))
 
 
+def sam_differences(a: GSVAConfig, b: GSVAConfig) -> list[str]:
+    """The SAM config fields in which two configs differ: a SAM base combines with a LLaVA base when none do."""
+    return [f"sam.{f.name}" for f in dataclasses.fields(a.sam) if getattr(a.sam, f.name) != getattr(b.sam, f.name)]
+
+
 # ----------------------------------------------------------------------------------------------- presets
 # GSVA's vocabulary: 32000 Llama tokens + [SEG], [REJ], <im_start>, <im_end> + <image> (transformers'
 # Llava needs a real image placeholder token; GSVA uses the sentinel -200 instead).

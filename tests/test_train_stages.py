@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from gsva.builder import build_model
 from gsva.checkpoint import combine_bases, load_checkpoint, load_model, save_checkpoint
 from gsva.config import preset
 from gsva.freeze import freeze
@@ -94,7 +95,16 @@ def test_gsva_from_both_bases_combines_them_and_trains_lora(shapes_data, tmp_pat
             p.mul_(1.01)
     save_checkpoint(sam, tok, str(tmp_path / "sam-base"))
     save_checkpoint(llava, tok, str(tmp_path / "llava-base"))
+    tiny = preset("tiny")
+    save_checkpoint(build_model(tiny.replace(sam=replace(tiny.sam, decoder_depth=1))), tok,
+                    str(tmp_path / "other-sam"))
+    with pytest.raises(ValueError, match="sam.decoder_depth"):
+        combine_bases(str(tmp_path / "other-sam"), str(tmp_path / "llava-base"))
+    # only the SAM half must agree: a LLaVA base whose CLIP pads combines with a SAM base that never saw CLIP
+    llava.cfg = llava.cfg.replace(vision=replace(llava.cfg.vision, aspect="pad"))
+    save_checkpoint(llava, tok, str(tmp_path / "llava-base"))
     combined, _, report = combine_bases(str(tmp_path / "sam-base"), str(tmp_path / "llava-base"))
+    assert combined.cfg.vision.aspect == "pad"
     assert report["sam_tensors"] > 0
     for k, v in combined.state_dict().items():
         assert torch.equal(v, (sam if k.startswith("sam.") else llava).state_dict()[k]), k

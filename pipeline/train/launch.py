@@ -86,13 +86,15 @@ def check_run_folder(cfg: TrainConfig) -> None:
 def check_init(cfg: TrainConfig) -> None:
     """Fail on the driver, in seconds, when --init / --preset cannot work (config.json only)."""
     init = cfg.init
+    from gsva.config import sam_differences
     from gsva.meta import load_config
 
     if init.bases:
         sam, llava = load_config(init.sam_base, cfg.storage), load_config(init.llava_base, cfg.storage)
-        if sam.replace(name=llava.name) != llava:
-            raise TrainConfigError(f"--sam-base {init.sam_base} ({sam.name}) and --llava-base {init.llava_base} "
-                                   f"({llava.name}) are different architectures")
+        differ = sam_differences(sam, llava)
+        if differ:
+            raise TrainConfigError(f"--sam-base {init.sam_base} and --llava-base {init.llava_base} have different "
+                                   f"SAM configs ({', '.join(differ)} differ)")
         return
     if init.checkpoint is None or init.official:
         return

@@ -34,17 +34,17 @@ SHAPES := data/shapes4k/tasks
 RUNS := outputs/shapes-model
 RUN := --data $(SHAPES) --val-data $(SHAPES) --threads-per-worker 1 --report-every 10
 OBJECTS := --objects $(SHAPES)/raw/instances.json
-CLIP_STEPS ?= 2000
+CLIP_STEPS ?= 3000
 SAM_STEPS ?= 1200
 ALIGN_STEPS ?= 300
-LLAVA_STEPS ?= 3000
-GSVA_STEPS ?= 1500
+LLAVA_STEPS ?= 2000
+GSVA_STEPS ?= 1000
 
 shapes-model: $(STAMP)
 	rm -rf $(RUNS)
 	$(PY) -m jobs.prepare --format shapes --num-images 4000 --seed 0 --out $(SHAPES)
 	$(PY) -m jobs.train --stage clip $(OBJECTS) --preset shapes $(RUN) --batch-size 32 --max-steps $(CLIP_STEPS) \
-	  --lr 1e-3 --warmup-steps 100 --checkpoint-every 1000 --val-max-images 100 --output $(RUNS)/clip \
+	  --lr 1e-3 --warmup-steps 100 --checkpoint-every 500 --val-max-images 100 --output $(RUNS)/clip \
 	  --export $(RUNS)/clip-export
 	$(PY) -m jobs.train --stage sam $(OBJECTS) --preset shapes $(RUN) --batch-size 4 --max-steps $(SAM_STEPS) \
 	  --checkpoint-every 400 --val-max-images 50 --output $(RUNS)/sam \
@@ -54,11 +54,11 @@ shapes-model: $(STAMP)
 	  --max-steps $(ALIGN_STEPS) --checkpoint-every $(ALIGN_STEPS) --val-max-images 50 \
 	  --output $(RUNS)/llava-align --export $(RUNS)/llava-align-export
 	$(PY) -m jobs.train --stage llava --policy mllm $(OBJECTS) --init $(RUNS)/llava-align-export $(RUN) \
-	  --batch-size 8 --lr 5e-4 --warmup-steps 100 --max-steps $(LLAVA_STEPS) --checkpoint-every 1000 --val-max-images 50 \
-	  --output $(RUNS)/llava --export checkpoints/shapes-llava-base --export-dtype float16
+	  --batch-size 8 --lr 5e-4 --warmup-steps 100 --max-steps $(LLAVA_STEPS) --checkpoint-every 500 --val-max-images 50 \
+	  --output $(RUNS)/llava --export checkpoints/shapes-llava-base
 	$(PY) -m jobs.train --sam-base checkpoints/shapes-sam-base --llava-base checkpoints/shapes-llava-base $(RUN) \
 	  --batch-size 8 --max-steps $(GSVA_STEPS) --checkpoint-every 500 --val-max-images 100 \
-	  --output $(RUNS)/gsva --export checkpoints/shapes-gres --export-dtype float16
+	  --output $(RUNS)/gsva --export checkpoints/shapes-gres
 	$(MAKE) shapes-eval
 
 # Test split, generate and teacher-forced modes, scored by the score job (ReLA protocol); per-template table.

@@ -75,7 +75,10 @@ def main(argv: list[str] | None = None) -> int:
               "prepare_s": round(prepare_s, 1), "cpus": os.cpu_count(), "load_average_1min": os.getloadavg()[0],
               "peak_rss_mb": peaks,
               "rss_slope_mb_per_min_second_half": {"driver": flatness(memory.samples, "driver_mb"),
-                                                   "replicas": flatness(memory.samples, "replicas_mb")},
+                                                   "replicas": flatness(memory.samples, "replicas_mb"),
+                                                   "driver_private": flatness(memory.samples, "driver_private_mb"),
+                                                   "replicas_private": flatness(memory.samples,
+                                                                                "replicas_private_mb")},
               "samples": memory.samples, "date": time.strftime("%Y-%m-%d")}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -88,7 +91,11 @@ def main(argv: list[str] | None = None) -> int:
           f"Peak RSS: driver {peaks['driver_mb']:.0f} MB, replica {peaks['replicas_mb']:.0f} MB, largest other Ray "
           f"worker {peaks['largest_other_worker_mb']:.0f} MB (sampled every {args.sample_every:.0f} s, "
           f"{len(memory.samples)} samples). Slope over the second half of the run: driver "
-          f"{(slope['driver'] or 0):+.1f} MB/min, replica {(slope['replicas'] or 0):+.1f} MB/min.\n")
+          f"{(slope['driver'] or 0):+.1f} MB/min, replica {(slope['replicas'] or 0):+.1f} MB/min.\n\n"
+          f"Private RSS (RSS less shared pages, i.e. less the Ray object-store pages a replica maps when it reads "
+          f"its input blocks zero-copy): driver peak {peaks['driver_private_mb']:.0f} MB, replica peak "
+          f"{peaks['replicas_private_mb']:.0f} MB; slope over the second half: driver "
+          f"{(slope['driver_private'] or 0):+.1f} MB/min, replica {(slope['replicas_private'] or 0):+.1f} MB/min.\n")
     (out / "annotate_scale.md").write_text(md)
     print(md)
     return 0

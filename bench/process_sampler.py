@@ -52,6 +52,11 @@ class ProcessTreeCPU:
         return total, marked
 
 
+def private_key(name: str) -> str:
+    """The sample key of a marked group's private RSS: "replicas_mb" -> "replicas_private_mb"."""
+    return name.removesuffix("_mb") + "_private_mb"
+
+
 def private_mb(p: psutil.Process) -> tuple[float, float]:
     """(RSS, private RSS) in MB. Private = RSS less shared pages (Linux: file-backed and shared memory): a Ray
     worker reading objects zero-copy from the object store (/dev/shm) counts those pages in its RSS, although
@@ -79,6 +84,7 @@ class RSSSampler:
                      "driver_private_mb": round(driver_private, 1)}
         for name in self.markers:
             row[name] = []
+            row[private_key(name)] = []
         other = other_private = 0.0
         for p in me.children(recursive=True):
             try:
@@ -89,6 +95,7 @@ class RSSSampler:
             hit = next((name for name, marker in self.markers.items() if marker in text), None)
             if hit:
                 row[hit].append(round(rss, 1))
+                row[private_key(hit)].append(round(private, 1))
             elif text.startswith("ray::"):
                 other, other_private = max(other, rss), max(other_private, private)
         row["largest_other_worker_mb"] = round(other, 1)
@@ -114,6 +121,6 @@ class RSSSampler:
     def peaks(self) -> dict:
         out = {key: max(s[key] for s in self.samples) for key in (
             "driver_mb", "driver_private_mb", "largest_other_worker_mb", "largest_other_worker_private_mb")}
-        for name in self.markers:
-            out[name] = max((max(s[name]) for s in self.samples if s[name]), default=0.0)
+        for name in [*self.markers, *map(private_key, self.markers)]:
+            out[name] = max((max(s[name]) for s in self.samples if s.get(name)), default=0.0)
         return out

@@ -43,6 +43,16 @@ class Stage:
         """The module that trains beside the model (kept in the training state), or None."""
         return None
 
+    def val_samples(self, shard, batch_size: int, k: int):
+        """Per fetched val batch, the samples ``draw`` makes of its decodable images (seeded by image id)."""
+        for fetched in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
+            samples = []
+            for image_id, pixels, error in zip(fetched["image_id"], fetched["pixels"], fetched["error"]):
+                if not error:
+                    samples += self.draw(np.asarray(pixels, dtype=np.uint8), [], image_id, k,
+                                         random.Random(f"val/{image_id}"))
+            yield samples
+
 
 class GSVAStage(Stage):
     """GSVA's own fine-tuning (the default stage)."""
@@ -163,13 +173,8 @@ class LLaVAStage(Stage):
         module.eval()
         amp = torch.autocast(module.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
         try:
-            for fetched in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
-                samples = []
-                for image_id, pixels, error in zip(fetched["image_id"], fetched["pixels"], fetched["error"]):
-                    if not error:
-                        samples += self.draw(np.asarray(pixels, dtype=np.uint8), [], image_id,
-                                             max_expressions or module.cfg.max_expressions_per_prompt,
-                                             random.Random(f"val/{image_id}"))
+            for samples in self.val_samples(shard, batch_size,
+                                            max_expressions or module.cfg.max_expressions_per_prompt):
                 if samples:
                     with amp:
                         c, n = answer_accuracy(module, make_text_batch(samples, tokenizer, module.cfg,
@@ -225,11 +230,7 @@ class CLIPStage(Stage):
         self.head.eval()
         amp = torch.autocast(module.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
         try:
-            for fetched in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
-                samples = []
-                for image_id, pixels, error in zip(fetched["image_id"], fetched["pixels"], fetched["error"]):
-                    if not error:
-                        samples += self.draw(np.asarray(pixels, dtype=np.uint8), [], image_id, 1, random.Random(0))
+            for samples in self.val_samples(shard, batch_size, 1):
                 if samples:
                     with amp:
                         counts = dense_accuracy(module, self.head, make_dense_batch(samples, module.cfg.vision)

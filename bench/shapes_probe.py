@@ -112,16 +112,26 @@ def seg_prompts(p: GSVAPredictor, image: np.ndarray, names: list[str]) -> tuple[
     return tokens[0], model.text_hidden_fcs(torch.stack([slot.hidden for slot in decoded[0].slots]))
 
 
+def standardised(x: np.ndarray, half: int) -> np.ndarray:
+    """Features standardised with the statistics of the first half (the probes' fitting half)."""
+    return (x - x[:half].mean(0)) / (x[:half].std(0) + 1e-6)
+
+
+def held_out(predicted: np.ndarray, truth: np.ndarray, classes: int) -> dict:
+    """A probe's accuracy on the second half; chance = 1 / number of classes."""
+    return {"accuracy": round(float((predicted == truth).mean()), 3), "chance": round(1 / classes, 3),
+            "n_test": int(len(truth))}
+
+
 def nearest_centroid(x: np.ndarray, labels: list[str]) -> dict:
     """Accuracy of a nearest-centroid classifier fitted on the first half, tested on the second (features
-    standardised on the first half); chance = 1 / number of classes."""
+    standardised on the first half)."""
     y, half = np.array(labels), len(labels) // 2
-    x = (x - x[:half].mean(0)) / (x[:half].std(0) + 1e-6)
+    x = standardised(x, half)
     classes = sorted(set(y[:half]))
     centroids = np.stack([x[:half][y[:half] == c].mean(0) for c in classes])
     pred = np.array(classes)[((x[half:, None] - centroids[None]) ** 2).sum(-1).argmin(1)]
-    return {"accuracy": round(float((pred == y[half:]).mean()), 3), "chance": round(1 / len(classes), 3),
-            "n_test": int(len(y) - half)}
+    return held_out(pred, y[half:], len(classes))
 
 
 def content_labels(text: str) -> dict[str, str | None]:
@@ -308,19 +318,17 @@ def oracle(args) -> dict:
 def linear_readout(x: np.ndarray, labels: list[str]) -> dict:
     """Accuracy of a least-squares one-vs-all linear classifier fitted on the first half, tested on the second."""
     half = len(labels) // 2
-    x = (x - x[:half].mean(0)) / (x[:half].std(0) + 1e-6)
-    x = np.concatenate([x, np.ones((len(x), 1))], 1)
+    x = np.concatenate([standardised(x, half), np.ones((len(x), 1))], 1)
     classes = sorted(set(labels))
     y = np.array([classes.index(v) for v in labels])
     weights = np.linalg.lstsq(x[:half], np.eye(len(classes))[y[:half]], rcond=1e-3)[0]
-    return {"accuracy": round(float((np.argmax(x[half:] @ weights, 1) == y[half:]).mean()), 3),
-            "chance": round(1 / len(classes), 3), "n_test": int(len(y) - half)}
+    return held_out(np.argmax(x[half:] @ weights, 1), y[half:], len(classes))
 
 
 def image_token_readout(model, rows: list[dict], objects) -> dict:
     """``image_tokens`` of ``bases`` (see the module docstring)."""
     from gsva.transforms import clip_input
-    from gsva.vision_pretraining import crop_masks, patch_features
+    from gsva.vision_pretraining import patch_features, view_masks
     from pipeline.prepare.formats.shapes_describe import ROWS, from_annotation, position
     from pipeline.train.objects import object_masks
 
@@ -334,7 +342,7 @@ def image_token_readout(model, rows: list[dict], objects) -> dict:
         with torch.no_grad():
             clip, projected = patch_features(model, pixels)[0], model.encode_clip(pixels)[0]
         masks = object_masks(objs, image.shape[0], image.shape[1], keep_empty=True)
-        for obj, cover in zip(objs, crop_masks(masks, cfg)):
+        for obj, cover in zip(objs, view_masks(masks, cfg)):
             if cover.sum() < 4:
                 continue  # outside CLIP's centre crop
             main = int(cover.reshape(grid, cfg.patch_size, grid, cfg.patch_size).mean((1, 3)).argmax())

@@ -236,7 +236,8 @@ PRESETS: dict[str, GSVAConfig] = {
     # Trained from scratch on Shapes-GRES on a CPU: 128 px for both towers; SAM's 16x16 grid gives
     # 64x64 mask logits, i.e. 2 input pixels per logit before bilinear upsampling. CLIP keeps the official
     # centre crop, although on these 96-160 px non-square images it cuts into 19 % of the objects (4 % of
-    # their centres): with ``aspect="pad"`` the same chain scored val gIoU 0.40 instead of 0.53 (README).
+    # their centres): a chain with ``aspect="pad"`` (and longer LLaVA and GSVA stages) reached val gIoU 0.41,
+    # against 0.53 with the crop (README, "The shipped Shapes-GRES model").
     "shapes": GSVAConfig(
         name="shapes",
         llm=LLMConfig(vocab_size=768, hidden_size=256, intermediate_size=512, num_layers=4, num_heads=4),

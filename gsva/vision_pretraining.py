@@ -62,8 +62,8 @@ class DenseHead(nn.Module):
         return self.classes(x), self.box(x).sigmoid()
 
 
-def crop_masks(masks: list[np.ndarray], cfg: VisionConfig) -> np.ndarray:
-    """(M, C, C) float coverage of each object in the CLIP input (gsva.transforms.clip_frame, bilinear)."""
+def view_masks(masks: list[np.ndarray], cfg: VisionConfig) -> np.ndarray:
+    """(M, C, C) float coverage of each object in CLIP's view (gsva.transforms.clip_frame, bilinear)."""
     if not masks:
         return np.zeros((0, cfg.image_size, cfg.image_size), dtype=np.float32)
     return np.stack([np.asarray(clip_frame(Image.fromarray(m.astype(np.uint8) * 255), cfg, Image.BILINEAR, 0),
@@ -73,7 +73,7 @@ def crop_masks(masks: list[np.ndarray], cfg: VisionConfig) -> np.ndarray:
 def patch_targets(sample: DenseSample, cfg: VisionConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """(P,) labels and (P, 4) boxes of one image: per patch the object covering most of it."""
     grid, patch = cfg.image_size // cfg.patch_size, cfg.patch_size
-    cover = crop_masks(sample.masks, cfg)
+    cover = view_masks(sample.masks, cfg)
     labels = torch.zeros(grid * grid, dtype=torch.long)
     boxes = torch.zeros(grid * grid, BOX_DIMS)
     if not len(cover):
@@ -83,7 +83,7 @@ def patch_targets(sample: DenseSample, cfg: VisionConfig) -> tuple[torch.Tensor,
     for o, m in enumerate(cover):
         ys, xs = np.nonzero(m > 0.5)
         if not len(xs):
-            continue  # cropped out of the CLIP input: nothing to see
+            continue  # outside CLIP's view (cut by the centre crop): nothing to see
         x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
         box = torch.tensor([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dtype=torch.float32) / cfg.image_size
         mine = torch.from_numpy((best == o) & (per_patch[o] >= MIN_COVER))

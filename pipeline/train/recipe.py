@@ -197,7 +197,8 @@ class TrainRecipe:
 
     def _step(self, samples: list, rng: random.Random, stats: EpochStats) -> None:
         cfg = self.cfg
-        lr = [set_lr(o, cfg.optim, self.state.step, cfg.max_steps) for o in self.optimizers][0]
+        for optimizer in self.optimizers:  # one schedule for the model and a stage's head
+            lr = set_lr(optimizer, cfg.optim, self.state.step, cfg.max_steps)
         amp = torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
         with amp:
             parts = self.stage.loss(self.model, self.module, samples, self.tokenizer, rng, cfg.loss, self.device)

@@ -55,10 +55,10 @@ shapes-model: $(STAMP)
 	  --output $(RUNS)/llava-align --export $(RUNS)/llava-align-export
 	$(PY) -m jobs.train --stage llava --policy mllm $(OBJECTS) --init $(RUNS)/llava-align-export $(RUN) \
 	  --batch-size 8 --lr 5e-4 --warmup-steps 100 --max-steps $(LLAVA_STEPS) --checkpoint-every 500 --val-max-images 50 \
-	  --output $(RUNS)/llava --export checkpoints/shapes-llava-base
+	  --output $(RUNS)/llava --export checkpoints/shapes-llava-base --export-dtype float16
 	$(PY) -m jobs.train --sam-base checkpoints/shapes-sam-base --llava-base checkpoints/shapes-llava-base $(RUN) \
 	  --batch-size 8 --max-steps $(GSVA_STEPS) --checkpoint-every 500 --val-max-images 100 \
-	  --output $(RUNS)/gsva --export checkpoints/shapes-gres
+	  --output $(RUNS)/gsva --export checkpoints/shapes-gres --export-dtype float16
 	$(MAKE) shapes-eval
 
 # Test split, generate and teacher-forced modes, scored by the score job (ReLA protocol); per-template table.

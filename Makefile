@@ -37,7 +37,7 @@ OBJECTS := --objects $(SHAPES)/raw/instances.json
 CLIP_STEPS ?= 3000
 SAM_STEPS ?= 1200
 ALIGN_STEPS ?= 300
-LLAVA_STEPS ?= 2000
+LLAVA_STEPS ?= 3000
 GSVA_STEPS ?= 1000
 
 shapes-model: $(STAMP)
@@ -57,7 +57,7 @@ shapes-model: $(STAMP)
 	  --batch-size 8 --lr 5e-4 --warmup-steps 100 --max-steps $(LLAVA_STEPS) --checkpoint-every 500 --val-max-images 50 \
 	  --output $(RUNS)/llava --export checkpoints/shapes-llava-base --export-dtype float16
 	$(PY) -m jobs.train --sam-base checkpoints/shapes-sam-base --llava-base checkpoints/shapes-llava-base $(RUN) \
-	  --batch-size 8 --max-steps $(GSVA_STEPS) --checkpoint-every 500 --val-max-images 100 \
+	  --policy llm-sam --batch-size 8 --max-steps $(GSVA_STEPS) --checkpoint-every 500 --val-max-images 100 \
 	  --output $(RUNS)/gsva --export checkpoints/shapes-gres --export-dtype float16
 	$(MAKE) shapes-eval
 

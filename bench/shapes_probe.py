@@ -14,6 +14,9 @@ It also asks what the mask prompts KNOW (``prompt_content``): the ``text_hidden_
 ``[SEG]`` (teacher-forced, the evaluation conversation) is classified by nearest centroid (centroids from
 half the expressions, accuracy on the other half) into the expression's template, colour and shape. A
 prompt that names its template but not its colour or shape cannot pick one object out of several.
+``prompt_readout`` asks the same of a linear readout (least squares, same halves), from the mask prompt and
+from the LLM hidden state it is projected from, and adds WHERE the target is (row and column of its mask's
+centre on a 5 x 5 grid, one-object templates): a prompt can name "the red circle" and still not point at it.
 ``scales`` compares magnitudes the two towers meet at: projected image tokens vs the LLM's token
 embeddings, and the mask prompts vs SAM's own prompt/output tokens (``--checkpoint shapes`` measures a
 fresh random init).
@@ -100,16 +103,18 @@ def per_template(ious: dict[str, list[float]]) -> dict[str, dict]:
 
 
 @torch.inference_mode()
-def seg_prompts(p: GSVAPredictor, image: np.ndarray, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(projected image tokens (P, H), mask prompts (M, D)) of one image's evaluation conversation, every
-    expression answered [SEG] (teacher-forced)."""
+def seg_prompts(p: GSVAPredictor, image: np.ndarray, names: list[str]) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                 torch.Tensor]:
+    """(projected image tokens (P, H), LLM hidden states (M, H), mask prompts (M, D)) of one image's evaluation
+    conversation, every expression answered [SEG] (teacher-forced)."""
     cfg, model = p.cfg, p.model
     names = prompts.eval_names(names, cfg)
     encoded = prompts.encode_eval(p.tokenizer, model.token_ids, names, [False] * len(names), cfg)
     prepared = prepare_images([image], cfg)
     tokens, _ = model.encode_images(prepared.clip_pixels, prepared.sam_pixels)
     decoded, _ = decoding.teacher_forced(model, [encoded], tokens)
-    return tokens[0], model.text_hidden_fcs(torch.stack([slot.hidden for slot in decoded[0].slots]))
+    hidden = torch.stack([slot.hidden for slot in decoded[0].slots])
+    return tokens[0], hidden, model.text_hidden_fcs(hidden)
 
 
 def standardised(x: np.ndarray, half: int) -> np.ndarray:
@@ -134,38 +139,49 @@ def nearest_centroid(x: np.ndarray, labels: list[str]) -> dict:
     return held_out(pred, y[half:], len(classes))
 
 
-def content_labels(text: str) -> dict[str, str | None]:
-    """Template of a sentence, and its colour / shape where the template names exactly one of each."""
+def content_labels(text: str, target: np.ndarray) -> dict[str, str | None]:
+    """Template of a sentence, its colour / shape where the template names exactly one of each, and where its
+    target is (the row and column of the mask's centre on a 5 x 5 grid of the image) for one-object templates."""
     template, words = template_of(text), text.split()
     one = template == "the {color} {shape}"
+    ys, xs = np.nonzero(target)
+    located = template in ("the {color} {shape}", "the leftmost/rightmost {shape}") and len(xs)
+    height, width = target.shape
     return {"template": template,
             "colour": next((w for w in words if w in COLORS), None) if one or template == "all {color} shapes"
             else None,
-            "shape": next((w for w in words if w in SHAPES), None) if one else None}
+            "shape": next((w for w in words if w in SHAPES), None) if one else None,
+            "row": str(min(int(ys.mean() / height * 5), 4)) if located else None,
+            "column": str(min(int(xs.mean() / width * 5), 4)) if located else None}
 
 
 def prompt_knowledge(p: GSVAPredictor, rows: list[dict]) -> dict:
-    """``prompt_content`` and ``scales`` (see the module docstring)."""
-    feats, labels, spread, norms, image_norms = [], [], [], [], []
+    """``prompt_content``, ``prompt_readout`` and ``scales`` (see the module docstring)."""
+    feats, hiddens, labels, spread, norms, image_norms = [], [], [], [], [], []
     for r in rows:
         exprs = [e for e in labelled(r["expressions"]) if not e["no_target"]][: p.cfg.max_expressions_per_prompt]
         if not exprs:
             continue
-        tokens, prompt = seg_prompts(p, r["pixels"], [e["text"] for e in exprs])
+        tokens, hidden, prompt = seg_prompts(p, r["pixels"], [e["text"] for e in exprs])
         image_norms.append(float(tokens.norm(dim=-1).mean()))
         norms += prompt.norm(dim=-1).tolist()
         if len(prompt) > 1:
             spread.append(float((prompt - prompt.mean(0)).norm(dim=-1).mean() / prompt.norm(dim=-1).mean()))
         feats.append(prompt.float().numpy())
-        labels += [content_labels(e["text"]) for e in exprs]
-    x = np.concatenate(feats)
-    content = {}
-    for key in ("template", "colour", "shape"):
+        hiddens.append(hidden.float().numpy())
+        labels += [content_labels(e["text"], gt) for e, gt in zip(exprs, gt_masks(r["pixels"], exprs, r["image_id"]))]
+    x, h = np.concatenate(feats), np.concatenate(hiddens)
+    content, readout = {}, {"mask_prompt": {}, "llm_hidden": {}}
+    for key in ("template", "colour", "shape", "row", "column"):
         keep = [i for i, lab in enumerate(labels) if lab[key] is not None]
-        content[key] = nearest_centroid(x[keep], [labels[i][key] for i in keep])
+        truth = [labels[i][key] for i in keep]
+        if key in ("template", "colour", "shape"):
+            content[key] = nearest_centroid(x[keep], truth)
+        readout["mask_prompt"][key] = linear_readout(x[keep], truth)
+        readout["llm_hidden"][key] = linear_readout(h[keep], truth)
     model = p.model
     decoder = model.sam.mask_decoder
-    return {"prompt_content": content, "scales": {
+    return {"prompt_content": content, "prompt_readout": readout, "scales": {
         "projected_image_token_norm": round(float(np.mean(image_norms)), 3),
         "text_token_embedding_norm": round(float(model.language_model.embed_tokens.weight.norm(dim=-1).mean()), 3),
         "mask_prompt_norm": round(float(np.mean(norms)), 3),
@@ -254,8 +270,17 @@ def oracle_masks(sam, prompt: BagOfWords, embedding: torch.Tensor, texts: list[s
 
 def oracle(args) -> dict:
     torch.manual_seed(0)
-    cfg = preset(args.preset)
-    sam, prompt = build_sam(cfg.sam), BagOfWords(cfg.sam.prompt_dim)
+    if args.sam_base:  # GSVA's setting: a pretrained SAM whose image and prompt encoders stay frozen
+        from gsva.checkpoint import load_model
+
+        model, _, _ = load_model(args.sam_base)
+        cfg, sam = model.cfg, model.sam.float()
+        for part in (sam.prompt_encoder,) if args.train_encoder else (sam.image_encoder, sam.prompt_encoder):
+            part.requires_grad_(False)
+    else:
+        cfg = preset(args.preset)
+        sam = build_sam(cfg.sam)
+    prompt = BagOfWords(cfg.sam.prompt_dim)
     params = [p for p in [*sam.parameters(), *prompt.parameters()] if p.requires_grad]
     optim_cfg = OptimConfig(lr=args.lr)  # the train job's recipe: AdamW, warm-up, linear decay, clip
     opt = build_optimizer(params, optim_cfg)
@@ -267,8 +292,11 @@ def oracle(args) -> dict:
         for i in range(0, len(rows) - args.batch_size + 1, args.batch_size):
             if step >= args.steps:
                 break
-            samples = [draw_samples(r["pixels"], labelled(r["expressions"]), r["image_id"], 3, rng)[0]
-                       for r in rows[i:i + args.batch_size]]
+            # an image whose drawn expressions are all no-target gives no sample (as in the train job)
+            samples = [s for r in rows[i:i + args.batch_size]
+                       for s in draw_samples(r["pixels"], labelled(r["expressions"]), r["image_id"], 3, rng)]
+            if not samples:
+                continue
             set_lr(opt, optim_cfg, step, args.steps)
             prepared = prepare_images([s.image for s in samples], cfg)
             embeddings = sam.image_encoder(prepared.sam_pixels)
@@ -311,8 +339,10 @@ def oracle(args) -> dict:
                 pred = masks_to_original(logits[None], prepared.resized[0], prepared.original[0],
                                          cfg.sam.image_size)[0] > 0
                 by_template.setdefault(template_of(e["text"]), []).append(iou(pred.numpy(), gt))
-    return {"preset": args.preset, "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size,
-            "history": history, "images": args.images, "iou_by_template": per_template(by_template)}
+    return {"preset": cfg.name, "sam_base": args.sam_base,
+            "train_encoder": bool(args.sam_base and args.train_encoder), "steps": args.steps, "lr": args.lr,
+            "batch_size": args.batch_size, "history": history, "images": args.images,
+            "iou_by_template": per_template(by_template)}
 
 
 def linear_readout(x: np.ndarray, labels: list[str]) -> dict:
@@ -411,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--steps", type=int, default=600)
     o.add_argument("--lr", type=float, default=3e-4)
     o.add_argument("--batch-size", type=int, default=8)
+    o.add_argument("--sam-base", help="start from this checkpoint's SAM, image and prompt encoders frozen (GSVA)")
+    o.add_argument("--train-encoder", action="store_true", help="with --sam-base: SAM's image encoder trains too")
     b = sub.add_parser("bases")
     b.add_argument("--checkpoint", default=str(REPO / "checkpoints" / "shapes-llava-base"))
     b.add_argument("--objects", required=True, help="the dataset's COCO instances.json")
@@ -425,8 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     result = {"diagnose": diagnose, "oracle": oracle, "bases": bases, "templates": templates}[args.probe](args)
-    shown = ("pairwise_iou_between_expressions", "prompt_content", "scales", "no_target_rejected_by_template",
-             "image_tokens", "after_phrase")
+    shown = ("pairwise_iou_between_expressions", "prompt_content", "prompt_readout", "scales",
+             "no_target_rejected_by_template", "image_tokens", "after_phrase")
     print(json.dumps(result.get("iou_by_template", {}) | {k: v for k, v in result.items() if k in shown}, indent=1))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,9 @@ Policies:
   plus full ``lm_head``, ``embed_tokens``, SAM ``mask_decoder`` and ``text_hidden_fcs``. CLIP, the
   projector and SAM's image/prompt encoders stay frozen.
 - ``"llm"``: as official ``lora_r < 0``: the whole LLM instead of LoRA, same other parts.
+- ``"llm-sam"``: as ``"llm"``, and SAM's image encoder trains too. Not GSVA's recipe: it is for a SAM base
+  weaker than SAM ViT-H, whose frozen features a mask decoder cannot match an expression against (the
+  Shapes-GRES model, README "The shipped Shapes-GRES model").
 - ``"all"``: every parameter (training a preset from scratch, e.g. Shapes-GRES ``--full``).
 
 Pretraining policies (the bases GSVA starts from, see pipeline.train.stages):
@@ -34,7 +37,7 @@ def freeze(model: nn.Module, policy: str, lora: LoRAConfig | None = None) -> dic
     for part in trained_parts(model, policy):
         for p in part.parameters():
             p.requires_grad_(True)
-    if policy in ("lora", "llm"):
+    if policy in ("lora", "llm", "llm-sam"):
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.requires_grad_(True)
@@ -52,9 +55,11 @@ def trained_parts(model: nn.Module, policy: str) -> list[nn.Module]:
         return [mllm.multi_modal_projector]
     if policy == "mllm":
         return [mllm.multi_modal_projector, model.language_model, model.mllm.lm_head]
-    if policy in ("lora", "llm"):
+    if policy in ("lora", "llm", "llm-sam"):
         parts = [model.mllm.lm_head, model.language_model.embed_tokens, model.sam.mask_decoder, model.text_hidden_fcs]
-        return [*parts, model.language_model] if policy == "llm" else parts
+        if policy == "llm-sam":
+            parts.append(model.sam.image_encoder)
+        return [*parts, model.language_model] if policy != "lora" else parts
     return []
 
 

@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     trainable.add_argument("--full", action="store_true", help="train every parameter (the default from a "
                            "random init, i.e. --preset without --init); same as --policy all")
     trainable.add_argument("--policy", choices=POLICIES, help="trainable parameters: lora (LoRA on q/v + lm_head, "
-                           "embed_tokens, mask decoder, text_hidden_fcs), llm (the whole LLM instead of LoRA), all; "
+                           "embed_tokens, mask decoder, text_hidden_fcs), llm (the whole LLM instead of LoRA), "
+                           "llm-sam (llm and SAM's image encoder: for a SAM base weaker than SAM ViT-H), all; "
                            "clip / sam / projector / mllm (the clip / sam / llava stages; default clip / sam / mllm "
                            "there)")
     model.add_argument("--max-expressions", type=int, help="K: expressions per sample, at most (default: the "

@@ -57,6 +57,11 @@ def test_trainable_policies():
     all_params = freeze(model, "all")
     assert all_params["trainable"] == all_params["total"]
     llm = freeze(model, "llm")
+    llm_sam = freeze(model, "llm-sam")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(n.startswith("sam.image_encoder.") for n in trainable)
+    assert not any(n.startswith(("sam.prompt_encoder.", "mllm.model.vision_tower.")) for n in trainable)
+    assert llm_sam["trainable"] == llm["trainable"] + sum(p.numel() for p in model.sam.image_encoder.parameters())
     lora = freeze(model, "lora")
     assert has_lora(model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}

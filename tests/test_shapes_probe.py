@@ -28,7 +28,8 @@ def test_seg_prompts_are_the_models_mask_prompts(probe):
     p = GSVAPredictor.from_checkpoint("tiny", dtype=torch.float64)
     image = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
     names = ["the red circle", "all blue shapes"]
-    tokens, prompts = probe.seg_prompts(p, image, names)
+    tokens, hidden, prompts = probe.seg_prompts(p, image, names)
+    assert hidden.shape == (2, p.cfg.llm.hidden_size)
     assert tokens.shape == (p.cfg.vision.num_image_tokens, p.cfg.llm.hidden_size)
     assert prompts.shape == (2, p.cfg.sam.prompt_dim)
 
@@ -42,6 +43,7 @@ def test_seg_prompts_are_the_models_mask_prompts(probe):
         out = p.model(batch.input_ids, batch.attention_mask, prep.clip_pixels, prep.sam_pixels, torch.tensor([0]))
         expected = p.model.text_hidden_fcs(out.hidden[out.mask_rows, out.mask_cols])
     torch.testing.assert_close(prompts, expected)
+    torch.testing.assert_close(hidden, out.hidden[out.mask_rows, out.mask_cols])
 
 
 def test_nearest_centroid_separates_what_is_separable_and_not_noise(probe):
@@ -54,10 +56,21 @@ def test_nearest_centroid_separates_what_is_separable_and_not_noise(probe):
 
 
 def test_content_labels_name_one_colour_and_shape_only_where_the_template_has_one(probe):
-    assert probe.content_labels("the red circle") == {"template": "the {color} {shape}", "colour": "red",
-                                                      "shape": "circle"}
-    assert probe.content_labels("all blue shapes") == {"template": "all {color} shapes", "colour": "blue",
-                                                       "shape": None}
-    assert probe.content_labels("the red circle and the blue square")["colour"] is None
-    assert probe.content_labels("the leftmost triangle") == {"template": "the leftmost/rightmost {shape}",
-                                                             "colour": None, "shape": None}
+    target = np.zeros((50, 100), dtype=bool)
+    target[40:50, 0:10] = True  # centre (5, 45): bottom row, far-left column of the 5 x 5 grid
+    assert probe.content_labels("the red circle", target) == {
+        "template": "the {color} {shape}", "colour": "red", "shape": "circle", "row": "4", "column": "0"}
+    assert probe.content_labels("all blue shapes", target) == {
+        "template": "all {color} shapes", "colour": "blue", "shape": None, "row": None, "column": None}
+    assert probe.content_labels("the red circle and the blue square", target)["colour"] is None
+    assert probe.content_labels("the leftmost triangle", target) == {
+        "template": "the leftmost/rightmost {shape}", "colour": None, "shape": None, "row": "4", "column": "0"}
+
+
+def test_linear_readout_reads_a_linear_code_and_not_noise(probe):
+    rng = np.random.default_rng(0)
+    labels = [["a", "b", "c"][i % 3] for i in range(300)]
+    code = {"a": [1, 0, 0], "b": [0, 1, 0], "c": [0, 0, 1]}
+    x = np.concatenate([np.array([code[y] for y in labels]) * 3.0, rng.normal(size=(300, 5))], 1)
+    assert probe.linear_readout(x, labels)["accuracy"] == 1.0
+    assert probe.linear_readout(rng.normal(size=(300, 8)), labels)["accuracy"] < 0.5

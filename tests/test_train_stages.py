@@ -23,6 +23,7 @@ from jobs.train import main as train_main
 from pipeline.prepare.formats.shapes_describe import (
     ABSENT,
     CAPTION_QUESTION,
+    WHERE_QUESTIONS,
     DescribedObject,
     caption,
     phrases,
@@ -150,7 +151,8 @@ def test_description_grammar():
     assert [o.color for o in table["the leftmost circle"]] == ["red"]
     assert len(table["all red shapes"]) == 2 and table["the green square"] == [] and "all squares" in table
     q, a = where_question(objs, 100, 100, 3, random.Random(0))
-    asked = q.removeprefix("Where are ").removesuffix(" in this image?").split(", ")
+    form = next(f for f in WHERE_QUESTIONS if q.startswith(f.split("{")[0]))
+    asked = q.removeprefix(form.split("{")[0]).removesuffix(form.split("}")[1]).split(", ")
     assert len(asked) == 3 and a.startswith("Sure, ") and all(f"{p}: " in a for p in asked)
     answer = where_question(objs, 100, 100, 20, random.Random(0))[1]
     assert "the leftmost circle: top far left red circle" in answer

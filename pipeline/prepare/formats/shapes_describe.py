@@ -9,7 +9,8 @@ referring expressions. Two kinds of sample, one conversation each (question, ans
 - where-question: up to K phrases about the image, each one of
   ``the {color} {shape}`` (exactly one such object, or none), ``all {color} shapes``, ``all {shape}s``,
   ``the leftmost {shape}`` / ``the rightmost {shape}`` (two or more of that shape, unique extreme),
-  about half of them naming something absent, in "Where are p1, p2, p3 in this image?" ->
+  about half of them naming something absent, in "Where are p1, p2, p3 in this image?" (or one of the
+  other ``WHERE_QUESTIONS``) ->
   "Sure, p1: top left red circle, p2: none, p3: middle right blue square and bottom left blue circle."
   (ALL the objects the phrase names, left to right, each as in the caption, joined by " and "; "none"
   when it names nothing). The answer's ``{phrase}:`` is where GSVA later reads a ``[SEG]`` prompt, and
@@ -31,7 +32,9 @@ from pipeline.prepare.formats.shapes_text import COLORS, SHAPES
 ROWS = ("top", "upper", "middle", "lower", "bottom")
 COLUMNS = ("far left", "left", "centre", "right", "far right")
 CAPTION_QUESTION = "Describe the shapes in this image."
-WHERE_QUESTION = "Where are {phrases} in this image?"
+#: The where-question's forms: "What are ... in this image?" is also how GSVA's evaluation asks for masks.
+WHERE_QUESTIONS = ("Where are {phrases} in this image?", "What are {phrases} in this image?",
+                   "Can you find {phrases} in this image?", "Please locate {phrases} in this image.")
 ABSENT = "none"
 CAPTION_SHARE = 0.3
 NUMBERS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -114,7 +117,8 @@ def where_question(objects: list[DescribedObject], width: int, height: int, k: i
         named = left_to_right(options[p])
         where = " and ".join(described(o, width, height) for o in named) if named else ABSENT
         parts.append(f"{p}: {where}")
-    return WHERE_QUESTION.format(phrases=", ".join(chosen)), f"Sure, {', '.join(parts)}."
+    question = WHERE_QUESTIONS[rng.randrange(len(WHERE_QUESTIONS))]
+    return question.format(phrases=", ".join(chosen)), f"Sure, {', '.join(parts)}."
 
 
 def describe(objects: list[DescribedObject], width: int, height: int, k: int,

@@ -37,6 +37,8 @@ prompt from finds the phrase's object.
 alone, its sparse prompt a bag-of-words embedding of the expression instead of the LLM's ``[SEG]`` hidden
 state; same samples, loss, optimiser and schedule as the train job. It shows how fast the mask side
 learns when the prompt is perfectly informative: the ceiling the LLM's prompt is compared with.
+``--sam-base CK`` starts from that checkpoint's SAM with its image and prompt encoders frozen, as GSVA trains it
+(``--train-encoder``: the image encoder trains too).
 Results: printed and written to ``--out`` (JSON).
 """
 

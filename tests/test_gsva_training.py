@@ -75,7 +75,7 @@ def test_trainable_policies():
         freeze(model, "some")
 
 
-@pytest.mark.parametrize("policy", ["lora", "all"])
+@pytest.mark.parametrize("policy", ["lora", "llm-sam", "all"])
 def test_a_few_steps_on_a_fixed_batch_drive_the_loss_down(policy):
     cfg = preset("tiny")
     model = build_model(cfg)

@@ -143,18 +143,20 @@ def nearest_centroid(x: np.ndarray, labels: list[str]) -> dict:
 
 def content_labels(text: str, target: np.ndarray) -> dict[str, str | None]:
     """Template of a sentence, its colour / shape where the template names exactly one of each, and where its
-    target is (the row and column of the mask's centre on a 5 x 5 grid of the image) for one-object templates."""
+    target is (the row and column index of the mask's centre on the description grammar's 5 x 5 grid) for
+    one-object templates."""
+    from pipeline.prepare.formats.shapes_describe import grid_cell
+
     template, words = template_of(text), text.split()
     one = template == "the {color} {shape}"
     ys, xs = np.nonzero(target)
     located = template in ("the {color} {shape}", "the leftmost/rightmost {shape}") and len(xs)
-    height, width = target.shape
+    row, column = grid_cell(xs.mean(), ys.mean(), target.shape[1], target.shape[0]) if located else (None, None)
     return {"template": template,
             "colour": next((w for w in words if w in COLORS), None) if one or template == "all {color} shapes"
             else None,
             "shape": next((w for w in words if w in SHAPES), None) if one else None,
-            "row": str(min(int(ys.mean() / height * 5), 4)) if located else None,
-            "column": str(min(int(xs.mean() / width * 5), 4)) if located else None}
+            "row": None if row is None else str(row), "column": None if column is None else str(column)}
 
 
 def prompt_knowledge(p: GSVAPredictor, rows: list[dict]) -> dict:
@@ -272,6 +274,8 @@ def oracle_masks(sam, prompt: BagOfWords, embedding: torch.Tensor, texts: list[s
 
 def oracle(args) -> dict:
     torch.manual_seed(0)
+    if args.train_encoder and not args.sam_base:
+        raise SystemExit("oracle: --train-encoder needs --sam-base (from a random init every part trains)")
     if args.sam_base:  # GSVA's setting: a pretrained SAM whose image and prompt encoders stay frozen
         from gsva.checkpoint import load_model
 
@@ -342,7 +346,7 @@ def oracle(args) -> dict:
                                          cfg.sam.image_size)[0] > 0
                 by_template.setdefault(template_of(e["text"]), []).append(iou(pred.numpy(), gt))
     return {"preset": cfg.name, "sam_base": args.sam_base,
-            "train_encoder": bool(args.sam_base and args.train_encoder), "steps": args.steps, "lr": args.lr,
+            "train_encoder": args.train_encoder, "steps": args.steps, "lr": args.lr,
             "batch_size": args.batch_size, "history": history, "images": args.images,
             "iou_by_template": per_template(by_template)}
 
@@ -376,7 +380,7 @@ def image_token_readout(model, rows: list[dict], objects) -> dict:
         masks = object_masks(objs, image.shape[0], image.shape[1], keep_empty=True)
         for obj, cover in zip(objs, view_masks(masks, cfg)):
             if cover.sum() < 4:
-                continue  # outside CLIP's centre crop
+                continue  # outside CLIP's view (cut by the centre crop)
             main = int(cover.reshape(grid, cfg.patch_size, grid, cfg.patch_size).mean((1, 3)).argmax())
             where = position(from_annotation(obj.category, obj.attributes.get("color"), list(obj.bbox)),
                              image.shape[1], image.shape[0])

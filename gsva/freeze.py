@@ -25,6 +25,9 @@ from torch import nn
 from gsva.config import POLICIES, LoRAConfig
 from gsva.lora import apply_lora, has_lora
 
+#: GSVA's fine-tuning policies: the official trained parts, with LoRA or the whole LLM (and SAM's image encoder).
+FINE_TUNING = ("lora", "llm", "llm-sam")
+
 
 def freeze(model: nn.Module, policy: str, lora: LoRAConfig | None = None) -> dict[str, int]:
     """Apply a trainable policy; returns {"trainable": n, "total": n} parameter counts."""
@@ -37,7 +40,7 @@ def freeze(model: nn.Module, policy: str, lora: LoRAConfig | None = None) -> dic
     for part in trained_parts(model, policy):
         for p in part.parameters():
             p.requires_grad_(True)
-    if policy in ("lora", "llm", "llm-sam"):
+    if policy in FINE_TUNING:
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.requires_grad_(True)
@@ -55,11 +58,11 @@ def trained_parts(model: nn.Module, policy: str) -> list[nn.Module]:
         return [mllm.multi_modal_projector]
     if policy == "mllm":
         return [mllm.multi_modal_projector, model.language_model, model.mllm.lm_head]
-    if policy in ("lora", "llm", "llm-sam"):
+    if policy in FINE_TUNING:
         parts = [model.mllm.lm_head, model.language_model.embed_tokens, model.sam.mask_decoder, model.text_hidden_fcs]
-        if policy == "llm-sam":
-            parts.append(model.sam.image_encoder)
-        return [*parts, model.language_model] if policy != "lora" else parts
+        whole_llm = [] if policy == "lora" else [model.language_model]
+        sam_encoder = [model.sam.image_encoder] if policy == "llm-sam" else []
+        return [*parts, *whole_llm, *sam_encoder]
     return []
 
 

@@ -56,10 +56,14 @@ def from_annotation(category: str, color: str | None, bbox: list[float]) -> Desc
     return DescribedObject(color, category, x + w / 2, y + h / 2)
 
 
+def grid_cell(x: float, y: float, width: int, height: int) -> tuple[int, int]:
+    """(row, column) indices of a point of the image on the grid (``ROWS`` x ``COLUMNS``)."""
+    return min(int(y / height * len(ROWS)), len(ROWS) - 1), min(int(x / width * len(COLUMNS)), len(COLUMNS) - 1)
+
+
 def position(obj: DescribedObject, width: int, height: int) -> str:
     """"{row} {column}" of the object's centre on the 5 x 5 grid."""
-    col = min(int(obj.cx / width * len(COLUMNS)), len(COLUMNS) - 1)
-    row = min(int(obj.cy / height * len(ROWS)), len(ROWS) - 1)
+    row, col = grid_cell(obj.cx, obj.cy, width, height)
     return f"{ROWS[row]} {COLUMNS[col]}"
 
 

@@ -29,16 +29,19 @@ clean:
 # ---------------------------------------------------------------------------------------- shapes-model
 # Every stage is one train job (Ray Train, checkpoints, curve; its export holds the curve, history.json and
 # run.json with the stage's wall time). Only the training split trains; val scores each stage's curve.
+# bf16 autocast and 2 torch threads: measured the fastest on a 2-core CPU for every stage (bench/train_step_bench.py).
 PY := OMP_NUM_THREADS=1 $(VENV)/bin/python
 SHAPES := data/shapes4k/tasks
+SEED1 := data/shapes-seed1/tasks
 RUNS := outputs/shapes-model
-RUN := --data $(SHAPES) --val-data $(SHAPES) --threads-per-worker 1 --report-every 10
+RUN := --data $(SHAPES) --val-data $(SHAPES) --threads-per-worker 2 --precision bf16 --report-every 10
+RECORDS := history.json run.json training_curve.png
 OBJECTS := --objects $(SHAPES)/raw/instances.json
 CLIP_STEPS ?= 3000
 SAM_STEPS ?= 1200
 ALIGN_STEPS ?= 300
 LLAVA_STEPS ?= 3000
-GSVA_STEPS ?= 1000
+GSVA_STEPS ?= 1800
 
 shapes-model: $(STAMP)
 	rm -rf $(RUNS)
@@ -56,12 +59,16 @@ shapes-model: $(STAMP)
 	$(PY) -m jobs.train --stage llava --policy mllm $(OBJECTS) --init $(RUNS)/llava-align-export $(RUN) \
 	  --batch-size 8 --lr 5e-4 --warmup-steps 100 --max-steps $(LLAVA_STEPS) --checkpoint-every 500 --val-max-images 50 \
 	  --output $(RUNS)/llava --export checkpoints/shapes-llava-base --export-dtype float16
+	for stage in clip llava-align; do mkdir -p checkpoints/shapes-llava-base/stages/$$stage && \
+	  (cd $(RUNS)/$$stage-export && cp $(RECORDS) $(CURDIR)/checkpoints/shapes-llava-base/stages/$$stage/) || exit 1; \
+	done
 	$(PY) -m jobs.train --sam-base checkpoints/shapes-sam-base --llava-base checkpoints/shapes-llava-base $(RUN) \
-	  --policy llm-sam --batch-size 8 --max-steps $(GSVA_STEPS) --checkpoint-every 500 --val-max-images 100 \
+	  --policy llm-sam --batch-size 8 --max-steps $(GSVA_STEPS) --checkpoint-every 900 --val-max-images 100 \
 	  --output $(RUNS)/gsva --export checkpoints/shapes-gres --export-dtype float16
 	$(MAKE) shapes-eval
 
-# Test split, generate and teacher-forced modes, scored by the score job (ReLA protocol); per-template table.
+# Test split, generate and teacher-forced modes, scored by the score job (ReLA protocol); per-template table;
+# then generate mode on the test split of a freshly generated set with another seed.
 shapes-eval: $(STAMP)
 	for mode in generate teacher-forced; do \
 	  $(PY) -m jobs.annotate --input $(SHAPES)/test-00000.parquet --checkpoint checkpoints/shapes-gres \
@@ -71,3 +78,8 @@ shapes-eval: $(STAMP)
 	  $(PY) bench/shapes_probe.py templates --predictions $(RUNS)/eval/$$mode/predictions --data $(SHAPES) \
 	    --split test --threads 1 --out $(RUNS)/eval/$$mode/templates.json || exit 1; \
 	done
+	test -f $(SEED1)/test-00000.parquet || $(PY) -m jobs.prepare --format shapes --num-images 2000 --seed 1 --out $(SEED1)
+	$(PY) -m jobs.annotate --input $(SEED1)/test-00000.parquet --checkpoint checkpoints/shapes-gres \
+	  --mode generate --output $(RUNS)/eval-seed1/generate --overwrite
+	$(PY) -m jobs.score --predictions $(RUNS)/eval-seed1/generate/predictions \
+	  --ground-truth $(SEED1)/test-00000.parquet --out $(RUNS)/eval-seed1/generate/score

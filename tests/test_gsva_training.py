@@ -75,8 +75,9 @@ def test_trainable_policies():
         freeze(model, "some")
 
 
-@pytest.mark.parametrize("policy", ["lora", "llm-sam", "all"])
-def test_a_few_steps_on_a_fixed_batch_drive_the_loss_down(policy):
+@pytest.mark.parametrize("policy, autocast", [("lora", None), ("llm-sam", None), ("all", None),
+                                              ("llm-sam", torch.bfloat16)])  # make shapes-model: bf16 on CPU
+def test_a_few_steps_on_a_fixed_batch_drive_the_loss_down(policy, autocast):
     cfg = preset("tiny")
     model = build_model(cfg)
     freeze(model, policy)
@@ -90,7 +91,8 @@ def test_a_few_steps_on_a_fixed_batch_drive_the_loss_down(policy):
     torch.manual_seed(0)
     history = []
     for _ in range(12):
-        parts = training_loss(model, batch)
+        with torch.autocast("cpu", dtype=autocast or torch.float32, enabled=autocast is not None):
+            parts = training_loss(model, batch)
         opt.zero_grad()
         parts.total.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

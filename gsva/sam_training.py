@@ -8,15 +8,21 @@ the decoder runs once per image with its prompts batched, ``multimask_output=Fal
 GSVA uses). Loss: SAM-style masks-only GSVA loss (2 BCE + 0.5 DICE at the original resolution, gsva.losses).
 Coordinates go to the prompt encoder in the SAM input frame (original scaled by the resize of
 gsva.transforms, as segment_anything's ``ResizeLongestSide.apply_coords``).
+
+Optionally (``dense_weight > 0``) every cell of the image embedding also predicts the class and box of the object
+covering it (gsva.vision_pretraining's dense head and loss, in SAM's input frame): the stand-in for the
+semantic richness real SAM's encoder brings from its MAE pretraining and SA-1B, which a decoder needs to find
+"the red circle" from a text prompt. The head is a training device only; the SAM base keeps the encoder.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from PIL import Image
 
 from gsva.losses import LossConfig, LossParts, bce_per_mask, dice_per_mask
 from gsva.transforms import masks_to_original, prepare_images
@@ -29,6 +35,7 @@ BOX_JITTER = 0.1  # fraction of the box side each edge may move (SAM trains on n
 class ObjectSample:
     image: np.ndarray  # RGB uint8 (H, W, 3)
     masks: list[np.ndarray]  # bool (H, W), one per object (non-empty)
+    labels: list[int] = field(default_factory=list)  # per object, class id >= 1 (only for the dense loss)
 
 
 @dataclass
@@ -39,10 +46,14 @@ class PromptBatch:
     targets: list[list[torch.Tensor]]  # per image: M (H, W) float masks
     resized: list[tuple[int, int]]
     original: list[tuple[int, int]]
+    cell_labels: torch.Tensor | None = None  # (N, g * g) long, 0 = background (with the dense loss)
+    cell_boxes: torch.Tensor | None = None  # (N, g * g, 4)
 
     def to(self, device) -> PromptBatch:
+        cells = [None if t is None else t.to(device) for t in (self.cell_labels, self.cell_boxes)]
         return PromptBatch(self.sam_pixels.to(device), self.kinds, [p.to(device) for p in self.prompts],
-                           [[t.to(device) for t in ts] for ts in self.targets], self.resized, self.original)
+                           [[t.to(device) for t in ts] for ts in self.targets], self.resized, self.original,
+                           *cells)
 
 
 def point_in(mask: np.ndarray, rng: random.Random) -> tuple[float, float]:
@@ -64,9 +75,29 @@ def jittered_box(mask: np.ndarray, rng: random.Random, jitter: float = BOX_JITTE
             min(max(moved[2], 0.0), width), min(max(moved[3], 0.0), height))
 
 
+def sam_view_masks(masks: list[np.ndarray], resized: tuple[int, int], sam_size: int) -> np.ndarray:
+    """(M, S, S) float coverage of each object in SAM's input frame (resized as the image, bilinear; zero pad)."""
+    out = np.zeros((len(masks), sam_size, sam_size), dtype=np.float32)
+    h, w = resized
+    for i, m in enumerate(masks):
+        out[i, :h, :w] = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((w, h), Image.BILINEAR),
+                                    dtype=np.float32) / 255.0
+    return out
+
+
+def cell_targets(samples: list[ObjectSample], resized: list[tuple[int, int]], sam_cfg):
+    """(N, g * g) labels and (N, g * g, 4) boxes of the image embedding's cells (see the module docstring)."""
+    from gsva.vision_pretraining import cell_targets as targets
+
+    labels, boxes = zip(*(targets(sam_view_masks(s.masks, hw, sam_cfg.image_size), s.labels,
+                                  sam_cfg.embedding_size) for s, hw in zip(samples, resized)))
+    return torch.stack(labels), torch.stack(boxes)
+
+
 def make_prompt_batch(samples: list[ObjectSample], model_cfg, rng: random.Random,
-                      kinds: tuple[str, ...] = PROMPT_KINDS) -> PromptBatch:
-    """Images -> SAM inputs, one prompt per object (kind drawn per image), targets at the original size."""
+                      kinds: tuple[str, ...] = PROMPT_KINDS, dense: bool = False) -> PromptBatch:
+    """Images -> SAM inputs, one prompt per object (kind drawn per image), targets at the original size;
+    ``dense``: the embedding cells' class and box targets too (the samples need ``labels``)."""
     prepared = prepare_images([s.image for s in samples], model_cfg)
     drawn, prompts, targets = [], [], []
     for s, (h, w), (height, width) in zip(samples, prepared.resized, prepared.original):
@@ -78,7 +109,12 @@ def make_prompt_batch(samples: list[ObjectSample], model_cfg, rng: random.Random
         drawn.append(kind)
         prompts.append(torch.tensor(coords, dtype=torch.float32) * scale)
         targets.append([torch.from_numpy(np.asarray(m, dtype=np.float32)) for m in s.masks])
-    return PromptBatch(prepared.sam_pixels, drawn, prompts, targets, prepared.resized, prepared.original)
+    batch = PromptBatch(prepared.sam_pixels, drawn, prompts, targets, prepared.resized, prepared.original)
+    if dense:
+        if any(len(s.labels) != len(s.masks) for s in samples):
+            raise ValueError("the dense loss needs one class label per object mask")
+        batch.cell_labels, batch.cell_boxes = cell_targets(samples, prepared.resized, model_cfg.sam)
+    return batch
 
 
 def prompted_masks(sam, embedding: torch.Tensor, kind: str, prompts: torch.Tensor) -> torch.Tensor:
@@ -94,8 +130,15 @@ def prompted_masks(sam, embedding: torch.Tensor, kind: str, prompts: torch.Tenso
     return masks[:, 0]
 
 
-def prompt_loss(model, batch: PromptBatch, cfg: LossConfig = LossConfig()) -> LossParts:
-    """Mask loss of every prompt of the batch (CE part 0: there is no text), averaged over prompts."""
+def embedding_cells(embeddings: torch.Tensor) -> torch.Tensor:
+    """(N, D, g, g) image embeddings -> (N, g * g, D), row-major like the cell targets."""
+    return embeddings.flatten(2).transpose(1, 2)
+
+
+def prompt_loss(model, batch: PromptBatch, cfg: LossConfig = LossConfig(), head=None,
+                dense_weight: float = 0.0) -> LossParts:
+    """Mask loss of every prompt of the batch, averaged over prompts; with a dense ``head``, plus
+    ``dense_weight`` x the cells' class CE + 5 box L1 (the CE part reports the class CE; else 0: no text)."""
     sam = model.sam
     embeddings = model.encode_sam(batch.sam_pixels)
     bce = dice = embeddings.new_zeros(())
@@ -108,6 +151,11 @@ def prompt_loss(model, batch: PromptBatch, cfg: LossConfig = LossConfig()) -> Lo
             dice = dice + dice_per_mask(pred, target, cfg.dice_scale, cfg.eps)
             rows += 1
     bce, dice = bce / max(rows, 1), dice / max(rows, 1)
-    zero = bce.new_zeros(())
-    return LossParts(total=cfg.bce_weight * bce + cfg.dice_weight * dice, ce=zero, bce=bce, dice=dice,
-                     num_masks=rows)
+    total, ce = cfg.bce_weight * bce + cfg.dice_weight * dice, bce.new_zeros(())
+    if head is not None:
+        from gsva.vision_pretraining import dense_terms
+
+        logits, boxes = head(embedding_cells(embeddings))
+        dense, ce, _ = dense_terms(logits, boxes, batch.cell_labels, batch.cell_boxes)
+        total = total + dense_weight * dense
+    return LossParts(total=total, ce=ce, bce=bce, dice=dice, num_masks=rows)

@@ -72,24 +72,31 @@ def view_masks(masks: list[np.ndarray], cfg: VisionConfig) -> np.ndarray:
 
 def patch_targets(sample: DenseSample, cfg: VisionConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """(P,) labels and (P, 4) boxes of one image: per patch the object covering most of it."""
-    grid, patch = cfg.image_size // cfg.patch_size, cfg.patch_size
-    cover = view_masks(sample.masks, cfg)
-    labels = torch.zeros(grid * grid, dtype=torch.long)
+    return cell_targets(view_masks(sample.masks, cfg), sample.labels, cfg.image_size // cfg.patch_size)
+
+
+def cell_targets(cover: np.ndarray, labels: list[int], grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grid * grid,) labels and (grid * grid, 4) boxes from (M, S, S) object coverage in a model's square
+    view (CLIP's patches, SAM's embedding cells): per cell the object covering most of it, if it covers at
+    least ``MIN_COVER``; boxes as fractions of S."""
+    size = cover.shape[-1] if len(cover) else grid
+    cell = size // grid
+    out_labels = torch.zeros(grid * grid, dtype=torch.long)
     boxes = torch.zeros(grid * grid, BOX_DIMS)
     if not len(cover):
-        return labels, boxes
-    per_patch = cover.reshape(len(cover), grid, patch, grid, patch).mean(axis=(2, 4)).reshape(len(cover), -1)
-    best = per_patch.argmax(0)
+        return out_labels, boxes
+    per_cell = cover.reshape(len(cover), grid, cell, grid, cell).mean(axis=(2, 4)).reshape(len(cover), -1)
+    best = per_cell.argmax(0)
     for o, m in enumerate(cover):
         ys, xs = np.nonzero(m > 0.5)
         if not len(xs):
-            continue  # outside CLIP's view (cut by the centre crop): nothing to see
+            continue  # outside the view (cut by CLIP's centre crop): nothing to see
         x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
-        box = torch.tensor([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dtype=torch.float32) / cfg.image_size
-        mine = torch.from_numpy((best == o) & (per_patch[o] >= MIN_COVER))
-        labels[mine] = sample.labels[o]
+        box = torch.tensor([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dtype=torch.float32) / size
+        mine = torch.from_numpy((best == o) & (per_cell[o] >= MIN_COVER))
+        out_labels[mine] = labels[o]
         boxes[mine] = box
-    return labels, boxes
+    return out_labels, boxes
 
 
 def make_dense_batch(samples: list[DenseSample], cfg: VisionConfig) -> DenseBatch:
@@ -116,9 +123,15 @@ def dense_outputs(model, head: DenseHead, batch: DenseBatch) -> tuple[torch.Tens
 def dense_loss(model, head: DenseHead, batch: DenseBatch, box_weight: float = 5.0):
     """(total, class CE, box L1): CE over every patch, L1 on the patches that belong to an object."""
     logits, boxes = dense_outputs(model, head, batch)
-    ce = F.cross_entropy(logits.flatten(0, 1).float(), batch.labels.flatten())
-    on = batch.labels > 0
-    l1 = F.l1_loss(boxes[on].float(), batch.boxes[on]) if on.any() else boxes.sum() * 0
+    return dense_terms(logits, boxes, batch.labels, batch.boxes, box_weight)
+
+
+def dense_terms(logits: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, target_boxes: torch.Tensor,
+                box_weight: float = 5.0):
+    """(total, class CE, box L1) of (N, P, classes) logits and (N, P, 4) boxes against (N, P) labels."""
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+    on = labels > 0
+    l1 = F.l1_loss(boxes[on].float(), target_boxes[on]) if on.any() else boxes.sum() * 0
     return ce + box_weight * l1, ce, l1
 
 
@@ -126,8 +139,13 @@ def dense_loss(model, head: DenseHead, batch: DenseBatch, box_weight: float = 5.
 def dense_accuracy(model, head: DenseHead, batch: DenseBatch) -> dict[str, int | float]:
     """Counts over object patches: class correct, and the summed box L1 (for a mean across batches)."""
     logits, boxes = dense_outputs(model, head, batch)
-    on = batch.labels > 0
+    return dense_counts(logits, boxes, batch.labels, batch.boxes)
+
+
+def dense_counts(logits: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor,
+                 target_boxes: torch.Tensor) -> dict[str, int | float]:
+    on = labels > 0
     return {"object_patches": int(on.sum()),
-            "class_correct": int((logits.argmax(-1)[on] == batch.labels[on]).sum()),
+            "class_correct": int((logits.argmax(-1)[on] == labels[on]).sum()),
             "background_correct": int((logits.argmax(-1)[~on] == 0).sum()), "background_patches": int((~on).sum()),
-            "box_l1_sum": float((boxes[on].float() - batch.boxes[on]).abs().mean(-1).sum())}
+            "box_l1_sum": float((boxes[on].float() - target_boxes[on]).abs().mean(-1).sum())}

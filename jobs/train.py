@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: %(default)s)")
     model.add_argument("--objects", help="with --stage clip|sam|llava: the dataset's COCO instances.json "
                        "(every object)")
+    model.add_argument("--dense-weight", type=float, default=TrainConfig.dense_weight,
+                       help="with --stage sam: also train every cell of SAM's image embedding to predict the class "
+                       "and box of the object covering it, at this weight (the stand-in for real SAM's rich "
+                       "features; default: %(default)s, SAM's loss alone)")
     model.add_argument("--sam-base", help="start GSVA from this SAM base (our format; its sam.* weights) ...")
     model.add_argument("--llava-base", help="... and this LLaVA base (everything else, and the tokenizer)")
     model.add_argument("--preset", help="gsva.config preset: tiny, shapes, gsva-7b, gsva-13b")
@@ -135,7 +139,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         data=args.data, output=args.output, max_steps=args.max_steps, batch_size=args.batch_size,
         init=InitSpec(preset=args.preset, checkpoint=args.init, llava=args.llava, clip=args.clip, sam=args.sam,
                       sam_base=args.sam_base, llava_base=args.llava_base),
-        stage=args.stage, objects=args.objects,
+        stage=args.stage, objects=args.objects, dense_weight=args.dense_weight,
         max_expressions=args.max_expressions, policy="all" if args.full else args.policy, lora_r=args.lora_r,
         optim=OptimConfig(lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
                           grad_clip=args.grad_clip),

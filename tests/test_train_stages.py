@@ -59,15 +59,21 @@ def falls(history: list[dict], key: str = "loss") -> bool:
     return np.mean(values[-3:]) < np.mean(values[:3])
 
 
-@pytest.mark.parametrize("stage", ["clip", "sam", "llava"])
+@pytest.mark.parametrize("stage", ["clip", "sam", "sam-dense", "llava"])
 def test_pretraining_stage_learns_validates_and_resumes(shapes_data, tmp_path, stage):
     data, objects = shapes_data
-    args = ["--stage", stage, "--objects", objects, "--preset", "tiny"]
+    stage, _, dense = stage.partition("-")
+    args = ["--stage", stage, "--objects", objects, "--preset", "tiny", *(["--dense-weight", "1"] if dense else [])]
     history, first = run_stage(data, tmp_path / stage, 6, *args)
     assert falls(history) and first.step == 6
-    if stage == "sam":
+    if stage == "sam" and dense:
+        assert all(r["ce"] > 0 for r in history)  # the embedding cells' class CE (+ box L1 in the total)
+        assert 0 <= history[-1]["val/object_cell_acc"] <= 1 and "val/point_iou" in history[-1]
+        assert set(first.stage_head) == {"weights", "optimizer"}  # the dense head resumes too
+    elif stage == "sam":
         assert all(r["ce"] == 0 for r in history)  # no text in SAM's task
         assert 0 <= history[-1]["val/point_iou"] <= 1 and 0 <= history[-1]["val/box_iou"] <= 1
+        assert "val/object_cell_acc" not in history[-1] and not first.stage_head
     elif stage == "clip":
         assert all(r["bce"] == 0 and r["ce"] > 0 for r in history)  # patch classes (+ box L1 in the total)
         assert {"val/object_patch_acc", "val/background_patch_acc", "val/box_l1"} <= set(history[-1])
@@ -123,6 +129,9 @@ def test_stage_options_are_checked(shapes_data, tmp_path):
         TrainConfig(data=data, output=str(tmp_path), max_steps=1, stage="sam", init=InitSpec(preset="tiny")).validate()
     with pytest.raises(TrainConfigError, match="go together"):
         TrainConfig(data=data, output=str(tmp_path), max_steps=1, init=InitSpec(sam_base="x")).validate()
+    with pytest.raises(TrainConfigError, match="applies to --stage sam only"):
+        TrainConfig(data=data, output=str(tmp_path), max_steps=1, stage="clip", objects=objects, dense_weight=1.0,
+                    init=InitSpec(preset="tiny")).validate()
     with pytest.raises(TrainConfigError, match="only applies to the pretraining"):
         TrainConfig(data=data, output=str(tmp_path), max_steps=1, objects=objects,
                     init=InitSpec(preset="tiny")).validate()
@@ -174,6 +183,24 @@ def test_sam_prompts_lie_on_their_objects():
                               kinds=("box",))
     x0, y0, x1, y1 = (batch.prompts[0][0] / (cfg.sam.image_size / 80)).tolist()
     assert 48 <= x0 <= 52 and 69 <= x1 <= 72 and 9 <= y0 <= 11 and 19 <= y1 <= 21
+
+
+def test_sam_embedding_cells_label_the_object_in_sams_frame():
+    """A wide image: SAM resizes its longest side and pads the bottom, so a far-left object lands in the
+    first column of cells and the rows below the resized image stay background."""
+    from gsva.sam_training import ObjectSample, make_prompt_batch
+
+    cfg = preset("tiny")  # SAM 64 px, 8 x 8 cells of 8 px
+    image = np.zeros((40, 160, 3), np.uint8)  # resized to 16 x 64: two rows of cells, then padding
+    mask = np.zeros((40, 160), bool)
+    mask[0:40, 0:20] = True
+    batch = make_prompt_batch([ObjectSample(image, [mask], [5])], cfg, random.Random(0), dense=True)
+    labels = batch.cell_labels[0].reshape(8, 8)
+    assert labels[:2, 0].tolist() == [5, 5] and labels[:, 1:].sum() == 0 and labels[2:].sum() == 0
+    cx, cy, w, h = batch.cell_boxes[0].reshape(8, 8, 4)[0, 0].tolist()
+    assert abs(cx - 4 / 64) < 0.02 and abs(w - 8 / 64) < 0.02 and abs(h - 16 / 64) < 0.02
+    with pytest.raises(ValueError, match="one class label per object"):
+        make_prompt_batch([ObjectSample(image, [mask])], cfg, random.Random(0), dense=True)
 
 
 def test_policies_train_only_their_parts():

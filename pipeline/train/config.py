@@ -168,6 +168,7 @@ class TrainConfig:
     storage: StorageOptions = field(default_factory=StorageOptions)
     stage: str = "gsva"
     objects: str | None = None  # COCO instances.json: every object of the images (pretraining stages)
+    dense_weight: float = 0.0  # sam stage: weight of the embedding cells' class + box loss (gsva.sam_training)
     train_split: str = TRAIN_SPLIT
     val_split: str = VAL_SPLIT
 
@@ -210,6 +211,9 @@ class TrainConfig:
                 raise TrainConfigError("--sam-base/--llava-base start the gsva stage, not a pretraining stage")
         elif self.objects:
             raise TrainConfigError("--objects only applies to the pretraining stages (--stage clip|sam|llava)")
+        if self.dense_weight < 0 or (self.dense_weight and self.stage != "sam"):
+            raise TrainConfigError(f"--dense-weight must be >= 0 and applies to --stage sam only, got "
+                                   f"{self.dense_weight} with --stage {self.stage}")
         self.optim.validate()
         self.scaling.validate()
         self.init.validate()

@@ -111,7 +111,7 @@ class TrainRecipe:
             objects, corrupt = load_objects(cfg.objects, cfg.storage)
             if corrupt:
                 log.warning("--objects: %d corrupt entries left out", corrupt)
-        self.stage = build_stage(cfg.stage, objects)
+        self.stage = build_stage(cfg.stage, objects, cfg.dense_weight)
         self.policy = cfg.trainable_policy()
         counts = freeze(model, self.policy, model.cfg.lora)
         if cfg.gradient_checkpointing:
@@ -131,8 +131,8 @@ class TrainRecipe:
         if self.state.optimizer:
             parallel.load_optimizer_state(self.model, self.optimizer, self.state.optimizer)
         self.state.optimizer = {}
-        # A stage's own head (the clip stage's) trains beside the model with its own AdamW on the same
-        # schedule; pretraining stages average gradients by hand, so it needs no DDP wrapper.
+        # A stage's own head (clip's; sam's with --dense-weight) trains beside the model with its own AdamW on
+        # the same schedule; pretraining stages average gradients by hand, so it needs no DDP wrapper.
         self.optimizers = [self.optimizer]
         self.trained = list(self.params)
         head = self.stage.make_head(self.module.cfg)

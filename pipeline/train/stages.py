@@ -80,53 +80,76 @@ class GSVAStage(Stage):
 
 
 class SAMStage(Stage):
-    """SAM's promptable segmentation on the images' objects (the SAM base)."""
+    """SAM's promptable segmentation on the images' objects (the SAM base); with ``dense_weight > 0`` the
+    image embedding also learns each cell's object class and box (gsva.sam_training)."""
 
     name = "sam"
 
-    def __init__(self, objects):
+    def __init__(self, objects, dense_weight: float = 0.0):
         self.objects = objects
+        self.dense_weight = dense_weight
+        self.classes = object_classes(objects) if dense_weight > 0 else {}
 
-    def _masks(self, pixels: np.ndarray, image_id: str) -> list[np.ndarray]:
+    def make_head(self, model_cfg):
+        if self.dense_weight <= 0:
+            return None
+        from gsva.vision_pretraining import DenseHead
+
+        self.head = DenseHead(model_cfg.sam.prompt_dim, len(self.classes) + 1)
+        return self.head
+
+    def _masks(self, pixels: np.ndarray, image_id: str) -> tuple[list[np.ndarray], list[int]]:
+        """The image's non-empty object masks and their classes (0 when the stage has no dense head)."""
         from pipeline.train.objects import object_masks
 
-        return object_masks(self.objects.get(str(image_id), []), pixels.shape[0], pixels.shape[1])
+        objects = self.objects.get(str(image_id), [])
+        masks = object_masks(objects, pixels.shape[0], pixels.shape[1], keep_empty=True)
+        kept = [(m, self.classes.get(_class_key(o), 0)) for m, o in zip(masks, objects) if m.any()]
+        return [m for m, _ in kept], [c for _, c in kept]
 
     def draw(self, pixels: np.ndarray, expressions: list[dict], image_id: str, k: int, rng: random.Random):
         from gsva.sam_training import ObjectSample
 
-        masks = self._masks(pixels, image_id)
-        return [ObjectSample(pixels, masks)] if masks else []
+        masks, labels = self._masks(pixels, image_id)
+        return [ObjectSample(pixels, masks, labels)] if masks else []
 
     def loss(self, model, module, samples: list, tokenizer, rng: random.Random, loss_cfg, device):
         from gsva.sam_training import make_prompt_batch, prompt_loss
 
-        return prompt_loss(module, make_prompt_batch(samples, module.cfg, rng).to(device), loss_cfg)
+        batch = make_prompt_batch(samples, module.cfg, rng, dense=self.head is not None).to(device)
+        return prompt_loss(module, batch, loss_cfg, self.head, self.dense_weight)
 
     @torch.no_grad()
     def validate(self, module, tokenizer, shard, batch_size: int, autocast_dtype,
                  max_expressions: int | None = None) -> dict[str, Any]:
-        from gsva.sam_training import ObjectSample, make_prompt_batch, prompted_masks
+        from gsva.sam_training import ObjectSample, embedding_cells, make_prompt_batch, prompted_masks
         from gsva.transforms import masks_to_original
+        from gsva.vision_pretraining import dense_counts
 
         sums = {kind: [0.0, 0] for kind in ("point", "box")}
+        cells = [0, 0]  # object cells whose class the dense head gets right, object cells
         module.eval()
         amp = torch.autocast(module.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
         try:
             for fetched in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
                 for image_id, pixels, error in zip(fetched["image_id"], fetched["pixels"], fetched["error"]):
                     image = np.asarray(pixels, dtype=np.uint8)
-                    masks = [] if error else self._masks(image, image_id)
+                    masks, labels = ([], []) if error else self._masks(image, image_id)
                     if not masks:
                         continue
                     embedding = None  # one SAM image encoding serves both prompt kinds of this image
                     for kind, total in sums.items():
                         rng = random.Random(f"val/{image_id}")
-                        batch = make_prompt_batch([ObjectSample(image, masks)], module.cfg, rng,
-                                                  kinds=(kind,)).to(module.device)
+                        batch = make_prompt_batch([ObjectSample(image, masks, labels)], module.cfg, rng,
+                                                  kinds=(kind,), dense=self.head is not None).to(module.device)
                         with amp:
                             if embedding is None:
                                 embedding = module.encode_sam(batch.sam_pixels)[0]
+                                if self.head is not None:
+                                    counts = dense_counts(*self.head(embedding_cells(embedding[None])),
+                                                          batch.cell_labels, batch.cell_boxes)
+                                    cells[0] += counts["class_correct"]
+                                    cells[1] += counts["object_patches"]
                             low = prompted_masks(module.sam, embedding, kind, batch.prompts[0])
                         pred = masks_to_original(low.float(), batch.resized[0], batch.original[0],
                                                  module.cfg.sam.image_size) > 0
@@ -136,8 +159,11 @@ class SAMStage(Stage):
                             total[1] += 1
         finally:
             module.train()
-        merged = all_sum([v for kind in sums.values() for v in kind], module.device)
-        return {f"val/{kind}_iou": merged[2 * i] / max(merged[2 * i + 1], 1) for i, kind in enumerate(sums)}
+        merged = all_sum([v for kind in sums.values() for v in kind] + cells, module.device)
+        out = {f"val/{kind}_iou": merged[2 * i] / max(merged[2 * i + 1], 1) for i, kind in enumerate(sums)}
+        if self.head is not None:
+            out["val/object_cell_acc"] = merged[-2] / max(merged[-1], 1)
+        return out
 
 
 class LLaVAStage(Stage):
@@ -193,8 +219,7 @@ class CLIPStage(Stage):
 
     def __init__(self, objects):
         self.objects = objects
-        keys = sorted({_class_key(o) for image in objects.values() for o in image})
-        self.classes = {key: i + 1 for i, key in enumerate(keys)}  # 0 is background
+        self.classes = object_classes(objects)
 
     def make_head(self, model_cfg):
         from gsva.vision_pretraining import DenseHead
@@ -246,6 +271,12 @@ class CLIPStage(Stage):
                 "val/box_l1": merged["box_l1_sum"] / max(merged["object_patches"], 1)}
 
 
+def object_classes(objects) -> dict[tuple[str, ...], int]:
+    """Class id (>= 1; 0 is background) of every object class of the index, in a fixed order."""
+    keys = sorted({_class_key(o) for image in objects.values() for o in image})
+    return {key: i + 1 for i, key in enumerate(keys)}
+
+
 def _class_key(obj) -> tuple[str, ...]:
     """An object's class for the dense head: its category and attributes (Shapes-GRES: shape + colour)."""
     return (obj.category, *(f"{k}={v}" for k, v in sorted(obj.attributes.items())))
@@ -260,9 +291,12 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def build_stage(name: str, objects=None):
-    """The stage object for a run (``objects``: the ObjectIndex the pretraining stages need)."""
+def build_stage(name: str, objects=None, dense_weight: float = 0.0):
+    """The stage object for a run (``objects``: the ObjectIndex the pretraining stages need;
+    ``dense_weight``: the sam stage's dense loss, gsva.sam_training)."""
     kinds = {"gsva": GSVAStage, "clip": CLIPStage, "sam": SAMStage, "llava": LLaVAStage}
     if name not in kinds:
         raise ValueError(f"unknown stage {name!r}; stages: {', '.join(kinds)}")
-    return kinds[name](objects)
+    if dense_weight and name != "sam":
+        raise ValueError(f"a dense weight applies to the sam stage only, not {name!r}")
+    return SAMStage(objects, dense_weight) if name == "sam" else kinds[name](objects)

@@ -33,7 +33,7 @@ class TrainState:
     scheduler: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)  # one record per logged step
     starts: list[dict[str, Any]] = field(default_factory=list)  # {"step", "time", "world_size"} per (re)start
-    stage_head: dict[str, Any] = field(default_factory=dict)  # the clip stage's dense head (not in the model)
+    stage_head: dict[str, Any] = field(default_factory=dict)  # a stage's dense head (not in the model)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

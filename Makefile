@@ -40,7 +40,7 @@ OBJECTS := --objects $(SHAPES)/raw/instances.json
 CLIP_STEPS ?= 3000
 SAM_STEPS ?= 1200
 ALIGN_STEPS ?= 300
-LLAVA_STEPS ?= 3000
+LLAVA_STEPS ?= 4000
 GSVA_STEPS ?= 1800
 
 shapes-model: $(STAMP)

@@ -42,6 +42,10 @@ SAM_STEPS ?= 1200
 ALIGN_STEPS ?= 300
 LLAVA_STEPS ?= 4000
 GSVA_STEPS ?= 1800
+# Measured, not yet the shipped build (README): SAM_DENSE=1 GSVA_POLICY=llm, a SAM base whose embedding also learns
+# each object's class, and GSVA with SAM's image encoder frozen as in GSVA's own recipe.
+SAM_DENSE ?= 0
+GSVA_POLICY ?= llm-sam
 
 shapes-model: $(STAMP)
 	rm -rf $(RUNS)
@@ -50,7 +54,7 @@ shapes-model: $(STAMP)
 	  --lr 1e-3 --warmup-steps 100 --checkpoint-every 500 --val-max-images 100 --output $(RUNS)/clip \
 	  --export $(RUNS)/clip-export
 	$(PY) -m jobs.train --stage sam $(OBJECTS) --preset shapes $(RUN) --batch-size 4 --max-steps $(SAM_STEPS) \
-	  --checkpoint-every 400 --val-max-images 50 --output $(RUNS)/sam \
+	  --checkpoint-every 400 --val-max-images 50 --dense-weight $(SAM_DENSE) --output $(RUNS)/sam \
 	  --export checkpoints/shapes-sam-base --export-dtype float16
 	$(PY) -m jobs.train --stage llava --policy projector $(OBJECTS) --init $(RUNS)/clip-export $(RUN) \
 	  --batch-size 16 --lr 1e-3 \
@@ -63,7 +67,7 @@ shapes-model: $(STAMP)
 	  (cd $(RUNS)/$$stage-export && cp $(RECORDS) $(CURDIR)/checkpoints/shapes-llava-base/stages/$$stage/) || exit 1; \
 	done
 	$(PY) -m jobs.train --sam-base checkpoints/shapes-sam-base --llava-base checkpoints/shapes-llava-base $(RUN) \
-	  --policy llm-sam --batch-size 8 --max-steps $(GSVA_STEPS) --checkpoint-every 900 --val-max-images 100 \
+	  --policy $(GSVA_POLICY) --batch-size 8 --max-steps $(GSVA_STEPS) --checkpoint-every 900 --val-max-images 100 \
 	  --output $(RUNS)/gsva --export checkpoints/shapes-gres --export-dtype float16
 	$(MAKE) shapes-eval
 

@@ -61,13 +61,12 @@ def draw_all(stage, rows: list[dict], k: int) -> list:
     return samples
 
 
-def time_steps(stage_name: str, objects, rows: list[dict], precision: str, threads: int, steps: int,
+def time_steps(stage_name: str, stage, samples: list, precision: str, threads: int, steps: int,
                warmup: int) -> float:
-    """Median seconds per step (forward + backward + AdamW), fresh model and optimiser."""
+    """Median seconds per step (forward + backward + AdamW), fresh model, stage head and optimiser."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     policy, batch_size = STAGES[stage_name]
-    stage = build_stage(stage_name, objects)
     model, tokenizer = stage_model(stage_name)
     freeze(model, policy, model.cfg.lora)
     model.train()
@@ -76,7 +75,6 @@ def time_steps(stage_name: str, objects, rows: list[dict], precision: str, threa
     if head is not None:
         params += list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    samples = draw_all(stage, rows, model.cfg.max_expressions_per_prompt)
     rng, device, times = random.Random(0), torch.device("cpu"), []
     for i in range(warmup + steps):
         batch = [samples[(i * batch_size + j) % len(samples)] for j in range(batch_size)]
@@ -103,8 +101,10 @@ def main() -> None:
     objects, _ = load_objects(str(data / "raw" / "instances.json"))
     results = []
     for stage in args.stages:
+        drawer = build_stage(stage, objects)  # the same samples for every configuration, drawn once
+        samples = draw_all(drawer, rows, stage_model(stage)[0].cfg.max_expressions_per_prompt)
         for precision, threads in CONFIGS:
-            seconds = time_steps(stage, objects, rows, precision, threads, args.steps, args.warmup)
+            seconds = time_steps(stage, drawer, samples, precision, threads, args.steps, args.warmup)
             results.append({"stage": stage, "policy": STAGES[stage][0], "batch_size": STAGES[stage][1],
                             "precision": precision, "threads": threads, "seconds_per_step": round(seconds, 4)})
             print(json.dumps(results[-1]), flush=True)

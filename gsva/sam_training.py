@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image
 
 from gsva.losses import LossConfig, LossParts, bce_per_mask, dice_per_mask
-from gsva.transforms import masks_to_original, prepare_images
+from gsva.transforms import masks_to_original, prepare_images, sam_frame_masks
+from gsva.vision_pretraining import cell_targets, dense_terms
 
 PROMPT_KINDS = ("point", "box")
 BOX_JITTER = 0.1  # fraction of the box side each edge may move (SAM trains on noisy boxes)
@@ -75,22 +75,10 @@ def jittered_box(mask: np.ndarray, rng: random.Random, jitter: float = BOX_JITTE
             min(max(moved[2], 0.0), width), min(max(moved[3], 0.0), height))
 
 
-def sam_view_masks(masks: list[np.ndarray], resized: tuple[int, int], sam_size: int) -> np.ndarray:
-    """(M, S, S) float coverage of each object in SAM's input frame (resized as the image, bilinear; zero pad)."""
-    out = np.zeros((len(masks), sam_size, sam_size), dtype=np.float32)
-    h, w = resized
-    for i, m in enumerate(masks):
-        out[i, :h, :w] = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((w, h), Image.BILINEAR),
-                                    dtype=np.float32) / 255.0
-    return out
-
-
-def cell_targets(samples: list[ObjectSample], resized: list[tuple[int, int]], sam_cfg):
+def embedding_targets(samples: list[ObjectSample], sam_cfg) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, g * g) labels and (N, g * g, 4) boxes of the image embedding's cells (see the module docstring)."""
-    from gsva.vision_pretraining import cell_targets as targets
-
-    labels, boxes = zip(*(targets(sam_view_masks(s.masks, hw, sam_cfg.image_size), s.labels,
-                                  sam_cfg.embedding_size) for s, hw in zip(samples, resized)))
+    labels, boxes = zip(*(cell_targets(sam_frame_masks(s.masks, sam_cfg), s.labels, sam_cfg.embedding_size)
+                          for s in samples))
     return torch.stack(labels), torch.stack(boxes)
 
 
@@ -113,7 +101,7 @@ def make_prompt_batch(samples: list[ObjectSample], model_cfg, rng: random.Random
     if dense:
         if any(len(s.labels) != len(s.masks) for s in samples):
             raise ValueError("the dense loss needs one class label per object mask")
-        batch.cell_labels, batch.cell_boxes = cell_targets(samples, prepared.resized, model_cfg.sam)
+        batch.cell_labels, batch.cell_boxes = embedding_targets(samples, model_cfg.sam)
     return batch
 
 
@@ -153,8 +141,6 @@ def prompt_loss(model, batch: PromptBatch, cfg: LossConfig = LossConfig(), head=
     bce, dice = bce / max(rows, 1), dice / max(rows, 1)
     total, ce = cfg.bce_weight * bce + cfg.dice_weight * dice, bce.new_zeros(())
     if head is not None:
-        from gsva.vision_pretraining import dense_terms
-
         logits, boxes = head(embedding_cells(embeddings))
         dense, ce, _ = dense_terms(logits, boxes, batch.cell_labels, batch.cell_boxes)
         total = total + dense_weight * dense

@@ -42,6 +42,17 @@ def sam_input(rgb: np.ndarray, cfg: SAMConfig) -> tuple[torch.Tensor, tuple[int,
     return F.pad(x, (0, cfg.image_size - w, 0, cfg.image_size - h)), (h, w)
 
 
+def sam_frame_masks(masks: list[np.ndarray], cfg: SAMConfig) -> np.ndarray:
+    """(M, S, S) float coverage of each (H, W) bool mask in SAM's input frame: resized as ``sam_input`` resizes
+    the image (PIL bilinear), zero-padded bottom/right."""
+    out = np.zeros((len(masks), cfg.image_size, cfg.image_size), dtype=np.float32)
+    for i, m in enumerate(masks):
+        h, w = resized_shape(m.shape[0], m.shape[1], cfg.image_size)
+        out[i, :h, :w] = np.asarray(Image.fromarray(m.astype(np.uint8) * UINT8_MAX).resize((w, h), Image.BILINEAR),
+                                    dtype=np.float32) / UINT8_MAX
+    return out
+
+
 def clip_frame(image: Image.Image, cfg: VisionConfig, resample: int, fill) -> Image.Image:
     """Any (W, H) PIL image -> the (C, C) view CLIP sees (``cfg.aspect``); images and masks share it."""
     size, (width, height) = cfg.image_size, image.size

@@ -137,15 +137,16 @@ class SAMStage(Stage):
                     masks, labels = ([], []) if error else self._masks(image, image_id)
                     if not masks:
                         continue
-                    embedding = None  # one SAM image encoding serves both prompt kinds of this image
+                    embedding = None  # one SAM image encoding (and dense scoring) serves both prompt kinds
                     for kind, total in sums.items():
                         rng = random.Random(f"val/{image_id}")
+                        dense = self.head is not None and embedding is None
                         batch = make_prompt_batch([ObjectSample(image, masks, labels)], module.cfg, rng,
-                                                  kinds=(kind,), dense=self.head is not None).to(module.device)
+                                                  kinds=(kind,), dense=dense).to(module.device)
                         with amp:
                             if embedding is None:
                                 embedding = module.encode_sam(batch.sam_pixels)[0]
-                                if self.head is not None:
+                                if dense:
                                     counts = dense_counts(*self.head(embedding_cells(embedding[None])),
                                                           batch.cell_labels, batch.cell_boxes)
                                     cells[0] += counts["class_correct"]

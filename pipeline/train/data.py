@@ -68,8 +68,9 @@ class DecodeRow:
 
 
 def task_dataset(uri: str, split: str, storage: StorageOptions | None = None,
-                 limit: int | None = None, shuffle_blocks: bool = True) -> ray.data.Dataset:
-    """Lazy dataset of decoded image rows of one split (``limit``: the first N images only)."""
+                 limit: int | None = None, shuffle_blocks: bool = True, seed: int = 0) -> ray.data.Dataset:
+    """Lazy dataset of decoded image rows of one split (``limit``: the first N images only). The block
+    order is shuffled from ``seed``, differently in each epoch (execution) but the same in every run."""
     from pipeline.tasks import read_tasks
 
     storage = storage or StorageOptions()
@@ -77,7 +78,7 @@ def task_dataset(uri: str, split: str, storage: StorageOptions | None = None,
     if limit is not None:
         ds = ds.limit(limit)
     if shuffle_blocks:
-        ds = ds.randomize_block_order()
+        ds = ds.randomize_block_order(seed=seed)
     return ds.map(DecodeRow(storage), num_cpus=DECODE_CPUS)
 
 
@@ -162,7 +163,8 @@ def sample_batches(rows: Iterator[dict[str, np.ndarray]], batch_size: int, k: in
                 pending = pending[batch_size:]
 
 
-def iterate_rows(shard: Any, shuffle_buffer: int) -> Iterator[dict[str, np.ndarray]]:
-    """One pass over a worker's shard (a Ray ``DataIterator`` or, in local mode, a ``Dataset``)."""
+def iterate_rows(shard: Any, shuffle_buffer: int, seed: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """One pass over a worker's shard (a Ray ``DataIterator`` or, in local mode, a ``Dataset``); the local
+    shuffle is drawn from ``seed`` (None: unseeded)."""
     return shard.iter_batches(batch_size=FETCH_ROWS, batch_format="numpy",
-                              local_shuffle_buffer_size=shuffle_buffer or None)
+                              local_shuffle_buffer_size=shuffle_buffer or None, local_shuffle_seed=seed)

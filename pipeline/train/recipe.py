@@ -23,6 +23,7 @@ import random
 import shutil
 import tempfile
 import time
+import zlib
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import replace
@@ -158,8 +159,9 @@ class TrainRecipe:
         while self.state.step < cfg.max_steps:
             stats = EpochStats()
             rng = random.Random(f"{cfg.seed}/{self.rank}/{self.state.epoch}/{self.state.step}")
-            batches = sample_batches(iterate_rows(self.train_shard, cfg.shuffle_buffer), cfg.batch_size, self.k,
-                                     rng, stats, self.stage.draw)
+            shuffle_seed = zlib.crc32(f"{cfg.seed}/{self.rank}/{self.state.epoch}".encode())
+            batches = sample_batches(iterate_rows(self.train_shard, cfg.shuffle_buffer, shuffle_seed),
+                                     cfg.batch_size, self.k, rng, stats, self.stage.draw)
             stepped = False
             self._last_step_end = time.perf_counter()
             for samples in self._together(batches):

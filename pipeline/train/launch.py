@@ -149,8 +149,7 @@ def build_trainer(cfg: TrainConfig, num_workers: int | None = None):
 
 def ordered_ingest():
     """Ray Train's ingest options with ``preserve_order``: rows reach a worker in the order the seeded block
-    shuffle gives, not in the order parallel decode tasks finish, so one seed makes one run (the Shapes-GRES
-    chain's builds otherwise differ by up to 8 gIoU points)."""
+    shuffle gives, not in the order parallel decode tasks finish, so that one seed makes one run."""
     from ray.train import DataConfig
 
     options = DataConfig.default_ingest_options()

@@ -149,10 +149,14 @@ def build_trainer(cfg: TrainConfig, num_workers: int | None = None):
 
 def ordered_ingest():
     """Ray Train's ingest options with ``preserve_order``: rows reach a worker in the order the seeded block
-    shuffle gives, not in the order parallel decode tasks finish, so that one seed makes one run."""
-    from ray.train import DataConfig
+    shuffle gives, not in the order parallel decode tasks finish, so that one seed makes one run. A copy of
+    the current context's options (what ``DataConfig.default_ingest_options`` carries over, without its
+    deprecated ``exclude_resources`` argument)."""
+    import copy
 
-    options = DataConfig.default_ingest_options()
+    from ray.data import DataContext
+
+    options = copy.deepcopy(DataContext.get_current().execution_options)
     options.preserve_order = True
     return options
 

@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "features; default: %(default)s, SAM's loss alone)")
     model.add_argument("--sam-base", help="start GSVA from this SAM base (our format; its sam.* weights) ...")
     model.add_argument("--llava-base", help="... and this LLaVA base (everything else, and the tokenizer)")
+    model.add_argument("--seg-words", nargs="+", default=(), metavar="WORD",
+                       help="start [SEG]'s embedding and lm_head rows as the mean of these words' (first tokens') "
+                       "rows, e.g. the positions a LLaVA base answers for a present phrase (default: GSVA's new "
+                       "random rows)")
+    model.add_argument("--rej-words", nargs="+", default=(), metavar="WORD",
+                       help="... and [REJ]'s, e.g. the word it answers for an absent one (none)")
     model.add_argument("--preset", help="gsva.config preset: tiny, shapes, gsva-7b, gsva-13b")
     model.add_argument("--init", help="start from our checkpoint (folder) or the official GSVA .bin")
     model.add_argument("--llava", help="with an official --init: the LLaVA model folder (weights + tokenizer)")
@@ -138,7 +144,8 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         data=args.data, output=args.output, max_steps=args.max_steps, batch_size=args.batch_size,
         init=InitSpec(preset=args.preset, checkpoint=args.init, llava=args.llava, clip=args.clip, sam=args.sam,
-                      sam_base=args.sam_base, llava_base=args.llava_base),
+                      sam_base=args.sam_base, llava_base=args.llava_base,
+                      seg_words=tuple(args.seg_words), rej_words=tuple(args.rej_words)),
         stage=args.stage, objects=args.objects, dense_weight=args.dense_weight,
         max_expressions=args.max_expressions, policy="all" if args.full else args.policy, lora_r=args.lora_r,
         optim=OptimConfig(lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,

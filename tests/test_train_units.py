@@ -245,3 +245,34 @@ def test_validation_scoring_uses_the_metrics_code():
     inputs = expression_inputs(list(zip(exprs, wrong)))
     metrics = ScoreStats.from_scores(score_expressions(inputs, "rela"), rec_target=~inputs.no_target).metrics()
     assert metrics["n_acc"] == 0 and metrics["t_acc"] == 1 and metrics["giou"] == 0
+
+
+# ------------------------------------------------------------------------------- [SEG]/[REJ] row init
+def test_seg_and_rej_rows_start_from_words(tmp_path):
+    """--seg-words/--rej-words: each new token's embedding and lm_head rows are the mean of the words'
+    first-token rows, so its logit is the words' mean logit; nothing else changes."""
+    from gsva.token_init import first_token
+
+    config = build_config(build_parser().parse_args(
+        ["--data", str(tmp_path), "--output", str(tmp_path / "run"), "--preset", "tiny", "--max-steps", "1",
+         "--seg-words", "top", "bottom", "--rej-words", "none"])).validate()
+    assert (config.init.seg_words, config.init.rej_words) == (("top", "bottom"), ("none",))
+    plain, _ = initial_model(tiny_config(tmp_path))
+    model, tok = initial_model(config)
+    ids = model.token_ids
+    top, bottom, none = (first_token(tok, w) for w in ("top", "bottom", "none"))
+    for get in ("get_input_embeddings", "get_output_embeddings"):
+        weight, before = getattr(model.mllm, get)().weight, getattr(plain.mllm, get)().weight
+        assert torch.allclose(weight[ids.seg], (before[top] + before[bottom]) / 2)
+        assert torch.equal(weight[ids.rej], before[none])
+        others = [i for i in range(weight.shape[0]) if i not in (ids.seg, ids.rej)]
+        assert torch.equal(weight[others], before[others])
+    hidden = torch.randn(3, model.cfg.llm.hidden_size)
+    logits = model.mllm.get_output_embeddings()(hidden)
+    assert torch.allclose(logits[:, ids.seg], (logits[:, top] + logits[:, bottom]) / 2, atol=1e-5)
+
+
+def test_seg_words_are_for_the_gsva_stage_only(tmp_path):
+    with pytest.raises(TrainConfigError, match="--stage gsva only"):
+        tiny_config(tmp_path, stage="sam", objects="x.json",
+                    init=InitSpec(preset="tiny", rej_words=("none",))).validate()

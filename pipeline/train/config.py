@@ -103,6 +103,9 @@ class InitSpec:
     sam: str | None = None
     sam_base: str | None = None  # our format: the SAM base (its sam.* weights) ...
     llava_base: str | None = None  # ... combined with the LLaVA base (everything else), gsva.checkpoint
+    # gsva.token_init: [SEG]'s / [REJ]'s rows start as the mean of these words' rows (a base that says them)
+    seg_words: tuple[str, ...] = ()
+    rej_words: tuple[str, ...] = ()
 
     @property
     def bases(self) -> bool:
@@ -179,6 +182,8 @@ class TrainConfig:
             raise TrainConfigError(f"--max-steps must be >= 1, got {self.max_steps}")
         if self.batch_size < 1:
             raise TrainConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if (self.init.seg_words or self.init.rej_words) and self.stage != "gsva":
+            raise TrainConfigError("--seg-words/--rej-words start GSVA's [SEG]/[REJ] rows: --stage gsva only")
         if self.max_expressions is not None and self.max_expressions < 1:
             raise TrainConfigError(f"--max-expressions must be >= 1, got {self.max_expressions}")
         if self.policy is not None and self.policy not in POLICIES:

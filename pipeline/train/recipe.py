@@ -48,7 +48,18 @@ log = logging.getLogger(__name__)
 
 def initial_model(cfg: TrainConfig):
     """(model, tokenizer) where a new run starts: official release, our checkpoint, the SAM + LLaVA bases,
-    or a preset."""
+    or a preset; [SEG]/[REJ] rows then started from words where ``--seg-words``/``--rej-words`` say so."""
+    from gsva.token_init import init_rows_from_words
+
+    model, tokenizer = _initial_weights(cfg)
+    for token_id, words in ((model.token_ids.seg, cfg.init.seg_words), (model.token_ids.rej, cfg.init.rej_words)):
+        if words:
+            sources = init_rows_from_words(model.mllm, tokenizer, token_id, words)
+            log.info("token %d starts as the mean of %s (ids %s)", token_id, list(words), sources)
+    return model, tokenizer
+
+
+def _initial_weights(cfg: TrainConfig):
     from gsva.checkpoint import combine_bases, load_model
     from gsva.config import preset
 

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -91,16 +92,28 @@ def stop_head(head: subprocess.Popen) -> None:
 
 
 def submit(client, entrypoint: str) -> str:
-    """submit_job, retried while the head's dashboard agent is still registering (Ray answers 500 then)."""
+    """submit_job, retried while the head's dashboard agent is still registering (Ray answers 500 then) or
+    when a loaded head drops the connection (seen on an oversubscribed 2-core machine). The fixed
+    submission id makes the retry safe: a submission that did arrive is refused as "already exists"."""
+    import requests
+
+    submission_id = f"test-{uuid.uuid4().hex[:12]}"
     deadline = time.monotonic() + HEAD_START_TIMEOUT_S
+    dropped = False
     while True:
         try:
-            return client.submit_job(entrypoint=entrypoint,
+            return client.submit_job(entrypoint=entrypoint, submission_id=submission_id,
                                      runtime_env={"working_dir": str(REPO), "excludes": UPLOAD_EXCLUDES})
+        except requests.exceptions.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            dropped = True
         except RuntimeError as exc:
+            if dropped and "already exists" in str(exc):
+                return submission_id
             if "No available agent" not in str(exc) or time.monotonic() > deadline:
                 raise
-            time.sleep(POLL_S)
+        time.sleep(POLL_S)
 
 
 def run_job(client, entrypoint: str) -> str:

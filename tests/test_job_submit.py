@@ -95,8 +95,6 @@ def submit(client, entrypoint: str) -> str:
     """submit_job, retried while the head's dashboard agent is still registering (Ray answers 500 then) or
     when a loaded head drops the connection (seen on an oversubscribed 2-core machine). The fixed
     submission id makes the retry safe: a submission that did arrive is refused as "already exists"."""
-    import requests
-
     submission_id = f"test-{uuid.uuid4().hex[:12]}"
     deadline = time.monotonic() + HEAD_START_TIMEOUT_S
     dropped = False
@@ -104,7 +102,7 @@ def submit(client, entrypoint: str) -> str:
         try:
             return client.submit_job(entrypoint=entrypoint, submission_id=submission_id,
                                      runtime_env={"working_dir": str(REPO), "excludes": UPLOAD_EXCLUDES})
-        except requests.exceptions.ConnectionError:
+        except OSError:  # requests' ConnectionError (RemoteDisconnected) is one
             if time.monotonic() > deadline:
                 raise
             dropped = True

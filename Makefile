@@ -38,6 +38,7 @@ RUNS := outputs/shapes-model
 RUN := --data $(SHAPES) --val-data $(SHAPES) --threads-per-worker 2 --precision bf16 --report-every 10
 RECORDS := history.json run.json training_curve.png
 OBJECTS := --objects $(SHAPES)/raw/instances.json
+PREPARE := $(PY) -m jobs.prepare --format shapes --num-images 4000 --seed 0 --out $(SHAPES)
 CLIP_STEPS ?= 3000
 SAM_STEPS ?= 3000
 ALIGN_STEPS ?= 300
@@ -56,7 +57,7 @@ GSVA_INIT ?= --seg-words top upper middle lower bottom --rej-words none
 # From nothing: dataset, CLIP, SAM base, LLaVA base, GSVA, evaluation.
 shapes-model: $(STAMP)
 	rm -rf $(RUNS)
-	$(PY) -m jobs.prepare --format shapes --num-images 4000 --seed 0 --out $(SHAPES)
+	$(PREPARE)
 	$(PY) -m jobs.train --stage clip $(OBJECTS) --preset shapes $(RUN) --batch-size 32 --max-steps $(CLIP_STEPS) \
 	  --lr 1e-3 --warmup-steps 100 --checkpoint-every 500 --val-max-images 100 --output $(RUNS)/clip \
 	  --export $(RUNS)/clip-export
@@ -75,7 +76,7 @@ shapes-model: $(STAMP)
 	$(MAKE) shapes-eval
 
 $(SHAPES)/_prepare.json: | $(STAMP)
-	$(PY) -m jobs.prepare --format shapes --num-images 4000 --seed 0 --out $(SHAPES)
+	$(PREPARE)
 
 # One stage alone (its run folder starts empty), e.g. `make shapes-sam-base shapes-gsva shapes-eval` rebuilds the
 # SAM base and GSVA on the LLaVA base in checkpoints/.

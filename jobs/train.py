@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--seed", type=int, default=TrainConfig.seed)
     opt.add_argument("--shuffle-buffer", type=int, default=TrainConfig.shuffle_buffer,
                      help="images in each worker's local shuffle buffer (default: %(default)s)")
+    opt.add_argument("--cache-data", action="store_true",
+                     help="read and decode the train and val splits once and keep them in Ray's object store "
+                          "(splits that fit in memory and train for many epochs); default: stream, decode every epoch")
 
     run = p.add_argument_group("checkpoints, validation, reports")
     run.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every)
@@ -154,7 +157,8 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         precision=args.precision, gradient_checkpointing=args.gradient_checkpointing,
         checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints, val_data=args.val_data,
         val_every=args.val_every, val_max_images=args.val_max_images, report_every=args.report_every,
-        shuffle_buffer=args.shuffle_buffer, seed=args.seed, resume=args.resume,
+        shuffle_buffer=args.shuffle_buffer,
+        cache_data=args.cache_data, seed=args.seed, resume=args.resume,
         scaling=ScalingSpec(workers=args.workers, gpus_per_worker=args.gpus_per_worker,
                             cpus_per_worker=args.cpus_per_worker, threads_per_worker=args.threads_per_worker,
                             strategy=args.strategy, max_failures=args.max_failures, worker_resources=resources),

@@ -51,13 +51,15 @@ def test_recipe_in_process_reports_loss_parts_lr_throughput_and_validation(shape
     assert (tmp_path / "run" / CURVE_FILE).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_one_seed_makes_one_run(shapes_tasks, tmp_path):
+@pytest.mark.parametrize("cache", [False, True], ids=["streamed", "cached"])
+def test_one_seed_makes_one_run(shapes_tasks, tmp_path, cache):
     """Two runs of one config (seeded block order, ordered ingest, seeded local shuffle and draws) train on
-    the same samples in the same order: the same loss at every step, over more than one epoch."""
+    the same samples in the same order: the same loss at every step, over more than one epoch; so do two
+    runs that decode the splits once into the object store (--cache-data)."""
     losses = []
     for name in ("a", "b"):
         cfg = TrainConfig(data=shapes_tasks, output=str(tmp_path / name), init=InitSpec(preset="tiny"),
-                          max_steps=12, batch_size=2, checkpoint_every=12, shuffle_buffer=4,
+                          max_steps=12, batch_size=2, checkpoint_every=12, shuffle_buffer=4, cache_data=cache,
                           scaling=ScalingSpec(workers=1)).validate()
         connect_ray(cfg)
         build_trainer(cfg, num_workers=0).fit()

@@ -163,6 +163,7 @@ class TrainConfig:
     val_max_images: int | None = 200
     report_every: int = 1
     shuffle_buffer: int = 256  # rows (images) in each worker's local shuffle buffer
+    cache_data: bool = False  # decode the splits once into Ray's object store (pipeline.train.data.task_dataset)
     seed: int = 0
     resume: bool = False
     scaling: ScalingSpec = field(default_factory=ScalingSpec)

@@ -67,16 +67,25 @@ class DecodeRow:
                 "error": error}
 
 
-def task_dataset(uri: str, split: str, storage: StorageOptions | None = None,
-                 limit: int | None = None, shuffle_blocks: bool = True, seed: int = 0) -> ray.data.Dataset:
-    """Lazy dataset of decoded image rows of one split (``limit``: the first N images only). The block
-    order is shuffled from ``seed``, differently in each epoch (execution) but the same in every run."""
+def task_dataset(uri: str, split: str, storage: StorageOptions | None = None, limit: int | None = None,
+                 shuffle_blocks: bool = True, seed: int = 0, cache: bool = False) -> ray.data.Dataset:
+    """Dataset of decoded image rows of one split (``limit``: the first N images only). The block order is
+    shuffled from ``seed``, differently in each epoch (execution) but the same in every run.
+
+    Lazy and streamed by default: every epoch reads and decodes again, so no split is ever held whole.
+    ``cache``: read and decode once, here, and keep the decoded rows in Ray's object store; each epoch
+    then only reorders the cached blocks. For a split that fits in memory and trains for many epochs (on
+    2 CPUs a Shapes-GRES epoch of the clip stage spent 11 of its 24 s reading and decoding beside the steps).
+    """
     from pipeline.tasks import read_tasks
 
     storage = storage or StorageOptions()
     ds = read_tasks(uri, storage, splits={split})
     if limit is not None:
         ds = ds.limit(limit)
+    if cache:
+        ds = ds.map(DecodeRow(storage), num_cpus=DECODE_CPUS).materialize()
+        return ds.randomize_block_order(seed=seed) if shuffle_blocks else ds
     if shuffle_blocks:
         ds = ds.randomize_block_order(seed=seed)
     return ds.map(DecodeRow(storage), num_cpus=DECODE_CPUS)

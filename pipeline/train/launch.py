@@ -116,10 +116,10 @@ def datasets(cfg: TrainConfig) -> dict[str, Any]:
     from pipeline.train.data import task_dataset
     from pipeline.train.recipe import TRAIN_DATASET, VAL_DATASET
 
-    out = {TRAIN_DATASET: task_dataset(cfg.data, cfg.train_split, cfg.storage, seed=cfg.seed)}
+    out = {TRAIN_DATASET: task_dataset(cfg.data, cfg.train_split, cfg.storage, seed=cfg.seed, cache=cfg.cache_data)}
     if cfg.val_data:
         out[VAL_DATASET] = task_dataset(cfg.val_data, cfg.val_split, cfg.storage, limit=cfg.val_max_images,
-                                        shuffle_blocks=False)
+                                        shuffle_blocks=False, cache=cfg.cache_data)
     return out
 
 

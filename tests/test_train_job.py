@@ -69,6 +69,45 @@ def test_one_seed_makes_one_run(shapes_tasks, tmp_path, cache):
     assert len(losses[0]) == 12 and losses[0] == losses[1]
 
 
+def test_cached_split_keeps_the_source_block_order(ray_local):
+    """--cache-data decodes a split once; its blocks must come out in the read order, or the seeded shuffle
+    starts from whichever decode task finished first. The gate holds block 0's task until block 1's has run,
+    so block 1 always finishes first: plain ``materialize()`` gives [1, 0], ``materialize_in_order`` [0, 1]."""
+    import asyncio
+
+    import ray
+
+    from pipeline.train.data import materialize_in_order
+
+    @ray.remote
+    class Gate:
+        def __init__(self):
+            self.opened = asyncio.Event()
+
+        async def open(self):
+            self.opened.set()
+
+        async def wait(self):
+            await self.opened.wait()
+
+    def held(gate):
+        def fn(batch):
+            if batch["id"][0] == 0:
+                ray.get(gate.wait.remote(), timeout=120)  # a failure, not a hang, if block 1 never runs
+            else:
+                gate.open.remote()
+            return batch
+        return fn
+
+    def blocks(ds):
+        return [int(batch["id"][0]) for batch in ds.iter_batches(batch_size=None)]
+
+    plain = ray.data.range(2, override_num_blocks=2).map_batches(held(Gate.remote()), num_cpus=0.5)
+    assert blocks(plain.materialize()) == [1, 0]
+    ordered = ray.data.range(2, override_num_blocks=2).map_batches(held(Gate.remote()), num_cpus=0.5)
+    assert blocks(materialize_in_order(ordered)) == [0, 1]
+
+
 def test_job_refuses_to_mix_up_runs(shapes_tasks, tmp_path, capsys):
     run = tmp_path / "run"
     argv = ["--data", shapes_tasks, "--output", str(run), "--max-steps", "2", *TINY]

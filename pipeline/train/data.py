@@ -88,10 +88,18 @@ def task_dataset(uri: str, split: str, storage: StorageOptions | None = None, li
         ds = ds.randomize_block_order(seed=seed)  # streamed: the read blocks, before they are decoded
     ds = ds.map(DecodeRow(storage), num_cpus=DECODE_CPUS)
     if cache:
-        ds = ds.materialize()
+        ds = materialize_in_order(ds)
         if shuffle_blocks:
             ds = ds.randomize_block_order(seed=seed)  # cached: the decoded blocks, anew in each epoch
     return ds
+
+
+def materialize_in_order(ds: ray.data.Dataset) -> ray.data.Dataset:
+    """``ds.materialize()`` with the blocks in the order of its source, not in the order its parallel tasks
+    finish: the seeded block shuffle of a cached split then starts from the same order in every run, as the
+    streamed path's does (there Ray Train's ordered ingest keeps it)."""
+    ds.context.execution_options.preserve_order = True
+    return ds.materialize()
 
 
 # ------------------------------------------------------------------------------------------ worker side

@@ -33,8 +33,9 @@ clean:
 # run.json with the stage's wall time). Only the training split trains; val scores each stage's curve.
 # bf16 autocast and 2 torch threads: measured the fastest on a 2-core CPU for every stage (bench/train_step_bench.py).
 # CACHE=--cache-data: the 3200 training images are decoded once, not in every epoch (the clip stage's 400 steps:
-# 109.5 s against 128.9 s streamed). The SAM stage streams (SAM_CACHE=): the cache saves it no time (300 steps:
-# 101.2 s against 101.9 s) and the streamed run is the shipped SAM base, bit for bit.
+# 109.5 s against 128.9 s streamed). The SAM stage streams (SAM_CACHE=) because the streamed run is the shipped SAM
+# base bit for bit; SAM_CACHE=--cache-data is faster (11:40 against 14:09-19:14 for 3000 steps, other days) but
+# draws another order, so another base.
 CACHE ?= --cache-data
 SAM_CACHE ?=
 PY := OMP_NUM_THREADS=1 $(VENV)/bin/python

@@ -55,7 +55,7 @@ LLAVA_LR ?= 5e-4
 GSVA_STEPS ?= 1800
 # SAM_DENSE=1: the SAM base's image embedding also learns each object's class and box (3000 steps: object-cell
 # accuracy 0.80); GSVA_POLICY=llm: SAM's image encoder stays frozen, as in GSVA's own recipe. Measured against the
-# earlier SAM_STEPS=1200 SAM_DENSE=0 GSVA_POLICY=llm-sam in README "The shipped Shapes-GRES model".
+# earlier SAM_STEPS=1200 SAM_DENSE=0 GSVA_POLICY=llm-sam in docs/shapes-gres-research.md.
 SAM_DENSE ?= 1
 GSVA_POLICY ?= llm
 # [SEG] and [REJ] start from the rows of the words the LLaVA base answers `{phrase}:` with (a row word for a
